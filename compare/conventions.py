@@ -1,0 +1,99 @@
+"""Every conversion between torch's and Flax's conventions, in one place, by name.
+
+=================  =====================================  ====================================
+what               torch                                  Flax
+=================  =====================================  ====================================
+images             (N, C, H, W)                           (N, H, W, C)
+Linear weight      (out, in)                              Dense kernel (in, out)
+Conv weight        (O, I, kH, kW)  "OIHW"                 Conv kernel (kH, kW, I, O)  "HWIO"
+BN momentum        new = (1-m)*old + m*batch, m=0.1       new = m*old + (1-m)*batch, m=0.9
+flatten            channel-major (C, H, W)                channel-minor (H, W, C)
+=================  =====================================  ====================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+import flaxbn.config as fcfg
+import torchbn.config as tcfg
+
+
+def torch_to_flax_momentum(momentum: float) -> float:
+    """torch's weight of the *new* batch -> Flax's weight of the *old* running value."""
+    if momentum is None:
+        raise ValueError(
+            "torch momentum=None (cumulative moving average) has no stock Flax equivalent; "
+            "give a float in [0, 1]"
+        )
+    return round(1.0 - momentum, 12)  # round: 1 - 0.9 is 0.09999999999999998 in binary
+
+
+def flax_to_torch_momentum(momentum: float) -> float:
+    """Flax's weight of the *old* running value -> torch's weight of the *new* batch."""
+    return round(1.0 - momentum, 12)
+
+
+def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
+    return np.transpose(x, (0, 2, 3, 1))  # (N, C, H, W) -> (N, H, W, C)
+
+
+def nhwc_to_nchw(x: np.ndarray) -> np.ndarray:
+    return np.transpose(x, (0, 3, 1, 2))  # (N, H, W, C) -> (N, C, H, W)
+
+
+def linear_to_dense(w: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(w.T)  # (out, in) -> (in, out)
+
+
+def dense_to_linear(k: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(k.T)  # (in, out) -> (out, in)
+
+
+def oihw_to_hwio(w: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)))  # (O, I, kH, kW) -> (kH, kW, I, O)
+
+
+def hwio_to_oihw(k: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.transpose(k, (3, 2, 0, 1)))  # (kH, kW, I, O) -> (O, I, kH, kW)
+
+
+def flattened_linear_to_dense(w: np.ndarray, chw: tuple[int, int, int]) -> np.ndarray:
+    """Kernel of the first Linear after a flatten: torch flattens (C, H, W), Flax (H, W, C).
+
+    The input features are permuted so that both sides see the same weight per pixel and
+    channel, then transposed like any Linear.
+    """
+    c, h, w_ = chw
+    out = w.shape[0]
+    w = w.reshape(out, c, h, w_).transpose(0, 2, 3, 1)  # (O, C, H, W) -> (O, H, W, C)
+    return linear_to_dense(w.reshape(out, h * w_ * c))
+
+
+def dense_to_flattened_linear(k: np.ndarray, chw: tuple[int, int, int]) -> np.ndarray:
+    """Inverse of :func:`flattened_linear_to_dense`."""
+    c, h, w_ = chw
+    w = dense_to_linear(k)
+    out = w.shape[0]
+    w = w.reshape(out, h, w_, c).transpose(0, 3, 1, 2)  # (O, H, W, C) -> (O, C, H, W)
+    return np.ascontiguousarray(w.reshape(out, c * h * w_))
+
+
+_FLAX_TWIN = {tcfg.MLPConfig: fcfg.MLPConfig, tcfg.CNNConfig: fcfg.CNNConfig, tcfg.ResNetConfig: fcfg.ResNetConfig}
+
+
+def flax_config(cfg: tcfg.ModelConfig) -> fcfg.ModelConfig:
+    """The Flax twin of a torch configuration: same fields, momentum in Flax's direction."""
+    fields = dataclasses.asdict(cfg)
+    fields["bn_momentum"] = torch_to_flax_momentum(cfg.bn_momentum)
+    return _FLAX_TWIN[type(cfg)](**fields)
+
+
+def torch_config(cfg: fcfg.ModelConfig) -> tcfg.ModelConfig:
+    """The torch twin of a Flax configuration."""
+    fields = dataclasses.asdict(cfg)
+    fields["bn_momentum"] = flax_to_torch_momentum(cfg.bn_momentum)
+    twin = {v: k for k, v in _FLAX_TWIN.items()}
+    return twin[type(cfg)](**fields)

@@ -1,0 +1,86 @@
+"""Named model configurations: one name builds the same network on torch, linen and nnx.
+
+>>> spec = get("resnet18_cifar")
+>>> torch_model, linen_model = spec.build_torch(), spec.build_linen()
+>>> tiny = get("resnet18").replace(width=8, num_classes=5)   # same structure, smaller
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flax import linen as nn
+from flax import nnx
+from torch import nn as tnn
+
+import torchbn
+from compare import conventions
+from flaxbn import linen_models, nnx_models
+from torchbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A named architecture. ``config`` is in torch's conventions (the reference side);
+    ``flax_config`` is its Flax twin. ``input_shape`` is one sample, torch layout."""
+
+    name: str
+    config: ModelConfig
+    input_shape: tuple[int, ...]
+
+    @property
+    def flax_config(self):
+        return conventions.flax_config(self.config)
+
+    @property
+    def flax_input_shape(self) -> tuple[int, ...]:
+        """One sample in Flax layout: (C, H, W) -> (H, W, C)."""
+        if len(self.input_shape) == 3:
+            c, h, w = self.input_shape
+            return (h, w, c)
+        return self.input_shape
+
+    def replace(self, **fields) -> ModelSpec:
+        """The same architecture with some config fields changed (input shape follows)."""
+        cfg = dataclasses.replace(self.config, **fields)
+        return ModelSpec(self.name, cfg, _input_shape(cfg, self.input_shape))
+
+    def build_torch(self) -> tnn.Module:
+        return torchbn.build(self.config)
+
+    def build_linen(self) -> nn.Module:
+        return linen_models.build(self.flax_config)
+
+    def build_nnx(self, rngs: nnx.Rngs | None = None) -> nnx.Module:
+        return nnx_models.build(self.flax_config, rngs=rngs if rngs is not None else nnx.Rngs(0))
+
+
+def _input_shape(cfg: ModelConfig, old: tuple[int, ...]) -> tuple[int, ...]:
+    if isinstance(cfg, MLPConfig):
+        return (cfg.in_features,)
+    if isinstance(cfg, CNNConfig):
+        return (cfg.in_channels, cfg.image_size, cfg.image_size)
+    return (cfg.in_channels, *old[1:])
+
+
+_SPECS = {
+    s.name: s
+    for s in [
+        ModelSpec("mlp", MLPConfig(in_features=784, hidden=(512, 512), num_classes=10, dropout=0.5), (784,)),
+        ModelSpec("cnn", CNNConfig(in_channels=1, image_size=28, channels=(32, 64), hidden=128), (1, 28, 28)),
+        ModelSpec("resnet18", ResNetConfig(layers=(2, 2, 2, 2)), (3, 224, 224)),
+        ModelSpec("resnet34", ResNetConfig(layers=(3, 4, 6, 3)), (3, 224, 224)),
+        ModelSpec("resnet18_cifar", ResNetConfig(layers=(2, 2, 2, 2), num_classes=10, stem="cifar"), (3, 32, 32)),
+    ]
+}
+
+NAMES: tuple[str, ...] = tuple(_SPECS)
+
+
+def get(name: str | ModelSpec) -> ModelSpec:
+    """The spec registered under ``name`` (a spec is returned as it is)."""
+    if isinstance(name, ModelSpec):
+        return name
+    if name not in _SPECS:
+        raise KeyError(f"unknown model {name!r}; known models: {', '.join(NAMES)}")
+    return _SPECS[name]

@@ -1,0 +1,161 @@
+"""MLP, CNN and ResNet in ``flax.linen``: the twins of ``torchbn/models.py``.
+
+Images are NHWC. The mode is an argument, ``__call__(x, *, train)``, as in Flax's
+imagenet example: BatchNorm uses ``use_running_average=not train`` and Dropout
+``deterministic=not train``. Mutable state is visible at the call site::
+
+    logits, updates = model.apply(variables, x, train=True,
+                                  rngs={"dropout": key}, mutable=["batch_stats"])
+    logits = model.apply(variables, x, train=False)   # eval: no rng, nothing mutable
+
+Layer names equal torch's (``fc1``, ``bn1``, ``layer1/0/bn2``, ``layer2/0/downsample/1``),
+so the weight map in ``compare.transfer`` is mechanical. Convolutions state their padding
+explicitly: Flax's default ``'SAME'`` differs from torch's for stride 2.
+"""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from flaxbn.batchnorm import LinenBatchNorm
+from flaxbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig
+
+# torch's default inits differ (kaiming-uniform); transferred weights make that moot.
+# Models trained from scratch keep Flax's defaults.
+
+
+def _batch_norm(cfg, train: bool, name: str) -> nn.Module:
+    return LinenBatchNorm(
+        use_running_average=not train,
+        momentum=cfg.bn_momentum,
+        epsilon=cfg.bn_eps,
+        use_fast_variance=False,  # two-pass variance, as torch computes it
+        name=name,
+    )
+
+
+class MLP(nn.Module):
+    """``fc{i} -> bn{i} -> relu -> dropout`` for each hidden width, then ``head``."""
+
+    cfg: MLPConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """(N, in_features) -> (N, num_classes) logits."""
+        for i, width in enumerate(self.cfg.hidden, start=1):
+            x = nn.Dense(width, name=f"fc{i}")(x)
+            if self.cfg.use_bn:
+                x = _batch_norm(self.cfg, train, f"bn{i}")(x)
+            x = nn.Dropout(self.cfg.dropout, deterministic=not train)(nn.relu(x))
+        return nn.Dense(self.cfg.num_classes, name="head")(x)
+
+
+class CNN(nn.Module):
+    """``conv{i} -> bn{i} -> relu -> max_pool 2 -> channel dropout``, then
+    ``flatten -> fc -> fc_bn -> relu -> dropout -> head``."""
+
+    cfg: CNNConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """(N, H, W, C) -> (N, num_classes) logits."""
+        cfg = self.cfg
+        for i, c_out in enumerate(cfg.channels, start=1):
+            x = nn.Conv(c_out, (3, 3), padding=((1, 1), (1, 1)), use_bias=not cfg.use_bn, name=f"conv{i}")(x)
+            if cfg.use_bn:
+                x = _batch_norm(cfg, train, f"bn{i}")(x)
+            x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+            # broadcast over H and W: one mask value per (sample, channel), like torch's Dropout2d
+            x = nn.Dropout(cfg.dropout2d, broadcast_dims=(1, 2), deterministic=not train)(x)
+        x = x.reshape(x.shape[0], -1)  # (N, H, W, C) -> (N, H*W*C), channel-minor
+        x = nn.Dense(cfg.hidden, name="fc")(x)
+        if cfg.use_bn:
+            x = _batch_norm(cfg, train, "fc_bn")(x)
+        x = nn.Dropout(cfg.dropout, deterministic=not train)(nn.relu(x))
+        return nn.Dense(cfg.num_classes, name="head")(x)
+
+
+def _conv(features: int, kernel: int, stride: int, padding: int, name: str) -> nn.Conv:
+    pad = ((padding, padding), (padding, padding))  # torch's symmetric padding, never 'SAME'
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad, use_bias=False, name=name)
+
+
+class Downsample(nn.Module):
+    """torch's ``nn.Sequential(conv1x1, bn)``: submodules named ``0`` and ``1``."""
+
+    cfg: ResNetConfig
+    features: int
+    stride: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        x = _conv(self.features, 1, self.stride, 0, name="0")(x)
+        return _batch_norm(self.cfg, train, "1")(x)
+
+
+class BasicBlock(nn.Module):
+    cfg: ResNetConfig
+    features: int
+    stride: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        identity = x
+        if self.stride != 1 or x.shape[-1] != self.features:
+            identity = Downsample(self.cfg, self.features, self.stride, name="downsample")(x, train=train)
+        out = _conv(self.features, 3, self.stride, 1, "conv1")(x)
+        out = nn.relu(_batch_norm(self.cfg, train, "bn1")(out))
+        out = _batch_norm(self.cfg, train, "bn2")(_conv(self.features, 3, 1, 1, "conv2")(out))
+        return nn.relu(out + identity)
+
+
+class Stage(nn.Module):
+    """torch's ``layer{i}`` ``nn.Sequential`` of blocks named ``0``, ``1``, ..."""
+
+    cfg: ResNetConfig
+    features: int
+    blocks: int
+    stride: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        for b in range(self.blocks):
+            x = BasicBlock(self.cfg, self.features, self.stride if b == 0 else 1, name=str(b))(x, train=train)
+        return x
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet (BasicBlock) with torchvision's layer names."""
+
+    cfg: ResNetConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """(N, H, W, C) -> (N, num_classes) logits."""
+        cfg = self.cfg
+        if cfg.stem == "imagenet":
+            x = _conv(cfg.width, 7, 2, 3, "conv1")(x)
+        else:
+            x = _conv(cfg.width, 3, 1, 1, "conv1")(x)
+        x = nn.relu(_batch_norm(cfg, train, "bn1")(x))
+        if cfg.stem == "imagenet":
+            # max_pool pads with -inf, as torch's MaxPool2d does
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for i, (blocks, width) in enumerate(zip(cfg.layers, cfg.stage_widths()), start=1):
+            x = Stage(cfg, width, blocks, 1 if i == 1 else 2, name=f"layer{i}")(x, train=train)
+        x = jnp.mean(x, axis=(1, 2))  # global average pool: (N, H, W, C) -> (N, C)
+        x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
+        return nn.Dense(cfg.num_classes, name="fc")(x)
+
+
+def build(cfg: ModelConfig) -> nn.Module:
+    """The linen module for a configuration."""
+    kinds = {MLPConfig: MLP, CNNConfig: CNN, ResNetConfig: ResNet}
+    if type(cfg) not in kinds:
+        raise TypeError(f"unknown config type {type(cfg).__name__}; expected MLPConfig, CNNConfig or ResNetConfig")
+    return kinds[type(cfg)](cfg)
+
+

@@ -1,0 +1,154 @@
+"""MLP, CNN and ResNet in ``flax.nnx``: the twins of ``torchbn/models.py``.
+
+Images are NHWC. The mode is nnx's own switch, as in torch: ``model.train()`` /
+``model.eval()`` set ``use_running_average`` and ``deterministic`` on every submodule.
+State lives in the module: ``nnx.BatchStat`` variables change in place in training
+(also under ``nnx.jit``), and each Dropout draws from its own ``dropout`` stream forked
+from the ``Rngs`` given at construction, advancing on every call::
+
+    model = MLP(cfg, rngs=nnx.Rngs(params=0, dropout=1))
+    model.train(); logits = model(x)    # fresh mask, statistics updated
+    model.eval();  logits = model(x)    # running statistics, no dropout
+
+Layer names equal torch's (``fc1``, ``bn1``, ``layer1/0/bn2``, ``layer2/0/downsample/1``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flaxbn.batchnorm import NnxBatchNorm
+from flaxbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig
+
+
+def _batch_norm(cfg, features: int, rngs: nnx.Rngs) -> NnxBatchNorm:
+    return NnxBatchNorm(
+        features,
+        momentum=cfg.bn_momentum,
+        epsilon=cfg.bn_eps,
+        use_fast_variance=False,  # two-pass variance, as torch computes it
+        rngs=rngs,
+    )
+
+
+def _conv(c_in: int, c_out: int, kernel: int, stride: int, padding: int, rngs: nnx.Rngs, bias: bool = False):
+    pad = ((padding, padding), (padding, padding))  # torch's symmetric padding, never 'SAME'
+    return nnx.Conv(c_in, c_out, (kernel, kernel), strides=(stride, stride), padding=pad, use_bias=bias, rngs=rngs)
+
+
+class MLP(nnx.Module):
+    """``fc{i} -> bn{i} -> relu -> drop{i}`` for each hidden width, then ``head``."""
+
+    def __init__(self, cfg: MLPConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        widths = (cfg.in_features, *cfg.hidden)
+        for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:]), start=1):
+            setattr(self, f"fc{i}", nnx.Linear(n_in, n_out, rngs=rngs))
+            if cfg.use_bn:
+                setattr(self, f"bn{i}", _batch_norm(cfg, n_out, rngs))
+            setattr(self, f"drop{i}", nnx.Dropout(cfg.dropout, rngs=rngs))
+        self.head = nnx.Linear(widths[-1], cfg.num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(N, in_features) -> (N, num_classes) logits."""
+        for i in range(1, len(self.cfg.hidden) + 1):
+            x = getattr(self, f"fc{i}")(x)
+            if self.cfg.use_bn:
+                x = getattr(self, f"bn{i}")(x)
+            x = getattr(self, f"drop{i}")(nnx.relu(x))
+        return self.head(x)
+
+
+class CNN(nnx.Module):
+    """``conv{i} -> bn{i} -> relu -> max_pool 2 -> drop{i}`` (channel-wise), then
+    ``flatten -> fc -> fc_bn -> relu -> drop -> head``."""
+
+    def __init__(self, cfg: CNNConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        chans = (cfg.in_channels, *cfg.channels)
+        for i, (c_in, c_out) in enumerate(zip(chans[:-1], chans[1:]), start=1):
+            setattr(self, f"conv{i}", _conv(c_in, c_out, 3, 1, 1, rngs, bias=not cfg.use_bn))
+            if cfg.use_bn:
+                setattr(self, f"bn{i}", _batch_norm(cfg, c_out, rngs))
+            # broadcast over H and W: one mask value per (sample, channel), like torch's Dropout2d
+            setattr(self, f"drop{i}", nnx.Dropout(cfg.dropout2d, broadcast_dims=(1, 2), rngs=rngs))
+        h, w, c = cfg.flatten_shape
+        self.fc = nnx.Linear(h * w * c, cfg.hidden, rngs=rngs)
+        if cfg.use_bn:
+            self.fc_bn = _batch_norm(cfg, cfg.hidden, rngs)
+        self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)
+        self.head = nnx.Linear(cfg.hidden, cfg.num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(N, H, W, C) -> (N, num_classes) logits."""
+        for i in range(1, len(self.cfg.channels) + 1):
+            x = getattr(self, f"conv{i}")(x)
+            if self.cfg.use_bn:
+                x = getattr(self, f"bn{i}")(x)
+            x = nnx.max_pool(nnx.relu(x), (2, 2), strides=(2, 2))
+            x = getattr(self, f"drop{i}")(x)
+        x = x.reshape(x.shape[0], -1)  # (N, H, W, C) -> (N, H*W*C), channel-minor
+        x = self.fc(x)
+        if self.cfg.use_bn:
+            x = self.fc_bn(x)
+        return self.head(self.drop(nnx.relu(x)))
+
+
+class BasicBlock(nnx.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, cfg: ResNetConfig, *, rngs: nnx.Rngs):
+        self.conv1 = _conv(c_in, c_out, 3, stride, 1, rngs)
+        self.bn1 = _batch_norm(cfg, c_out, rngs)
+        self.conv2 = _conv(c_out, c_out, 3, 1, 1, rngs)
+        self.bn2 = _batch_norm(cfg, c_out, rngs)
+        # torch's nn.Sequential(conv1x1, bn): entries 0 and 1
+        needs_downsample = stride != 1 or c_in != c_out
+        self.downsample = (
+            nnx.List([_conv(c_in, c_out, 1, stride, 0, rngs), _batch_norm(cfg, c_out, rngs)]) if needs_downsample else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        identity = x if self.downsample is None else self.downsample[1](self.downsample[0](x))
+        out = nnx.relu(self.bn1(self.conv1(x)))
+        return nnx.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class ResNet(nnx.Module):
+    """torchvision's ResNet (BasicBlock) with torchvision's layer names."""
+
+    def __init__(self, cfg: ResNetConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        if cfg.stem == "imagenet":
+            self.conv1 = _conv(cfg.in_channels, cfg.width, 7, 2, 3, rngs)
+        else:
+            self.conv1 = _conv(cfg.in_channels, cfg.width, 3, 1, 1, rngs)
+        self.bn1 = _batch_norm(cfg, cfg.width, rngs)
+        c_in = cfg.width
+        for i, (blocks, c_out) in enumerate(zip(cfg.layers, cfg.stage_widths()), start=1):
+            stride = 1 if i == 1 else 2
+            stage = [BasicBlock(c_in if b == 0 else c_out, c_out, stride if b == 0 else 1, cfg, rngs=rngs) for b in range(blocks)]
+            setattr(self, f"layer{i}", nnx.List(stage))
+            c_in = c_out
+        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+        self.fc = nnx.Linear(c_in, cfg.num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(N, H, W, C) -> (N, num_classes) logits."""
+        x = nnx.relu(self.bn1(self.conv1(x)))
+        if self.cfg.stem == "imagenet":
+            # max_pool pads with -inf, as torch's MaxPool2d does
+            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for i in range(1, len(self.cfg.layers) + 1):
+            for block in getattr(self, f"layer{i}"):
+                x = block(x)
+        x = jnp.mean(x, axis=(1, 2))  # global average pool: (N, H, W, C) -> (N, C)
+        return self.fc(self.dropout(x))
+
+
+def build(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    """The nnx module for a configuration (in train mode, nnx's default)."""
+    kinds = {MLPConfig: MLP, CNNConfig: CNN, ResNetConfig: ResNet}
+    if type(cfg) not in kinds:
+        raise TypeError(f"unknown config type {type(cfg).__name__}; expected MLPConfig, CNNConfig or ResNetConfig")
+    return kinds[type(cfg)](cfg, rngs=rngs)

@@ -1,0 +1,9 @@
+"""PyTorch side: BatchNorm + Dropout networks in torch's own conventions (NCHW, momentum=0.1).
+
+Imports torch and numpy only; never jax, flax or ``compare``.
+"""
+
+from torchbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig
+from torchbn.models import CNN, MLP, BasicBlock, ResNet, build
+
+__all__ = ["CNN", "CNNConfig", "MLP", "MLPConfig", "ModelConfig", "BasicBlock", "ResNet", "ResNetConfig", "build"]

@@ -1,0 +1,134 @@
+"""Model configurations for the PyTorch side, in PyTorch's conventions.
+
+Momentum follows torch: ``running = (1 - momentum) * running + momentum * batch``,
+so the default 0.1 means "10% of the new batch". ``None`` selects torch's cumulative
+moving average over ``num_batches_tracked``. The Flax twin (``flaxbn/config.py``) has the
+same fields with Flax's momentum direction; ``compare.conventions`` converts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+
+def _check(problems: list[str], name: str) -> None:
+    if problems:
+        raise ValueError(f"invalid {name}: " + "; ".join(problems))
+
+
+def _common_problems(cfg) -> list[str]:
+    problems = []
+    if not (isinstance(cfg.num_classes, int) and cfg.num_classes >= 1):
+        problems.append(f"num_classes must be an int >= 1, got {cfg.num_classes!r}")
+    for field in ("dropout", "dropout2d"):
+        p = getattr(cfg, field, 0.0)
+        if not (isinstance(p, (int, float)) and 0.0 <= p <= 1.0):
+            problems.append(f"{field} must be in [0, 1], got {p!r}")
+    m = cfg.bn_momentum
+    if m is not None and not (isinstance(m, (int, float)) and 0.0 <= m <= 1.0):
+        problems.append(f"bn_momentum must be in [0, 1] or None (cumulative average), got {m!r}")
+    if not (isinstance(cfg.bn_eps, (int, float)) and cfg.bn_eps > 0):
+        problems.append(f"bn_eps must be > 0, got {cfg.bn_eps!r}")
+    return problems
+
+
+def _positive_ints(values, field: str) -> list[str]:
+    if not isinstance(values, tuple) or not values:
+        return [f"{field} must be a non-empty tuple of ints >= 1, got {values!r}"]
+    bad = [v for v in values if not (isinstance(v, int) and v >= 1)]
+    return [f"{field} must hold ints >= 1, got {values!r}"] if bad else []
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPConfig:
+    """``(Linear -> BatchNorm1d -> ReLU -> Dropout) * len(hidden) -> Linear``."""
+
+    in_features: int = 64
+    hidden: tuple[int, ...] = (256, 256)
+    num_classes: int = 10
+    dropout: float = 0.5
+    bn_momentum: float | None = 0.1
+    bn_eps: float = 1e-5
+    use_bn: bool = True
+
+    def __post_init__(self):
+        problems = _common_problems(self) + _positive_ints(self.hidden, "hidden")
+        if not (isinstance(self.in_features, int) and self.in_features >= 1):
+            problems.append(f"in_features must be an int >= 1, got {self.in_features!r}")
+        _check(problems, type(self).__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CNNConfig:
+    """``(Conv3x3 -> BatchNorm2d -> ReLU -> MaxPool2 -> Dropout2d) * len(channels)``,
+    then ``flatten -> Linear -> BatchNorm1d -> ReLU -> Dropout -> Linear``.
+
+    ``image_size`` must be divisible by ``2 ** len(channels)`` (one 2x2 pool per block).
+    """
+
+    in_channels: int = 1
+    image_size: int = 28
+    channels: tuple[int, ...] = (32, 64)
+    hidden: int = 128
+    num_classes: int = 10
+    dropout2d: float = 0.1
+    dropout: float = 0.5
+    bn_momentum: float | None = 0.1
+    bn_eps: float = 1e-5
+    use_bn: bool = True
+
+    def __post_init__(self):
+        problems = _common_problems(self) + _positive_ints(self.channels, "channels")
+        for field in ("in_channels", "image_size", "hidden"):
+            v = getattr(self, field)
+            if not (isinstance(v, int) and v >= 1):
+                problems.append(f"{field} must be an int >= 1, got {v!r}")
+        if not problems and self.image_size % 2 ** len(self.channels):
+            problems.append(
+                f"image_size must be divisible by 2**len(channels) = {2 ** len(self.channels)}, "
+                f"got {self.image_size}"
+            )
+        _check(problems, type(self).__name__)
+
+    @property
+    def flatten_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the feature map that is flattened before ``fc``."""
+        side = self.image_size // 2 ** len(self.channels)
+        return (self.channels[-1], side, side)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetConfig:
+    """torchvision's ResNet with BasicBlocks (resnet18: ``layers=(2, 2, 2, 2)``).
+
+    ``stem="imagenet"`` is torchvision's 7x7/2 conv + 3x3/2 max-pool; ``stem="cifar"``
+    is a 3x3/1 conv and no pool, for 32x32 inputs. State-dict keys are torchvision's.
+    ``dropout`` is applied before ``fc`` (0 keeps the torchvision network unchanged).
+    """
+
+    layers: tuple[int, ...] = (2, 2, 2, 2)
+    num_classes: int = 1000
+    in_channels: int = 3
+    width: int = 64
+    stem: Literal["imagenet", "cifar"] = "imagenet"
+    dropout: float = 0.0
+    bn_momentum: float | None = 0.1
+    bn_eps: float = 1e-5
+    zero_init_residual: bool = False
+
+    def __post_init__(self):
+        problems = _common_problems(self) + _positive_ints(self.layers, "layers")
+        for field in ("in_channels", "width"):
+            v = getattr(self, field)
+            if not (isinstance(v, int) and v >= 1):
+                problems.append(f"{field} must be an int >= 1, got {v!r}")
+        if self.stem not in ("imagenet", "cifar"):
+            problems.append(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
+        _check(problems, type(self).__name__)
+
+    def stage_widths(self) -> tuple[int, ...]:
+        return tuple(self.width * 2**i for i in range(len(self.layers)))
+
+
+ModelConfig = MLPConfig | CNNConfig | ResNetConfig
