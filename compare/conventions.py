@@ -25,8 +25,7 @@ def torch_to_flax_momentum(momentum: float) -> float:
     """torch's weight of the *new* batch -> Flax's weight of the *old* running value."""
     if momentum is None:
         raise ValueError(
-            "torch momentum=None (cumulative moving average) has no stock Flax equivalent; "
-            "give a float in [0, 1]"
+            "torch momentum=None (cumulative moving average) has no stock Flax equivalent; give a float in [0, 1]"
         )
     return round(1.0 - momentum, 12)  # round: 1 - 0.9 is 0.09999999999999998 in binary
 

@@ -55,7 +55,7 @@ def randomize_batchnorm(model: torch.nn.Module, x: torch.Tensor, seed: int) -> N
             m.momentum = 1.0  # running statistics := this batch's statistics
         model.train()
         model(x)
-        for m, momentum in zip(bns, momenta):
+        for m, momentum in zip(bns, momenta, strict=True):
             m.momentum = momentum
             c = m.num_features
             if m.affine:
@@ -146,7 +146,11 @@ def _torch_outputs(model: torch.nn.Module, x: np.ndarray) -> list[tuple[str, np.
     outputs, hooks = [], []
     for name, module in model.named_modules():
         if name:
-            hooks.append(module.register_forward_hook(lambda m, i, o, name=name: outputs.append((name, o.detach().cpu().numpy()))))
+            hooks.append(
+                module.register_forward_hook(
+                    lambda m, i, o, name=name: outputs.append((name, o.detach().cpu().numpy()))
+                )
+            )
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
@@ -161,7 +165,9 @@ def _flax_outputs(spec: ModelSpec, api: str, state: Any, x: np.ndarray) -> dict[
     """Outputs of every Flax submodule, keyed by torch's dotted name."""
     xf = jnp.asarray(to_flax_input(x))
     if api == "linen":
-        _, inter = spec.build_linen().apply(state, xf, train=False, capture_intermediates=True, mutable=["intermediates"])
+        _, inter = spec.build_linen().apply(
+            state, xf, train=False, capture_intermediates=True, mutable=["intermediates"]
+        )
         flat = traverse_util.flatten_dict(inter["intermediates"])
     else:
         state.eval()
@@ -170,7 +176,9 @@ def _flax_outputs(spec: ModelSpec, api: str, state: Any, x: np.ndarray) -> dict[
     return {".".join(map(str, path[:-1])): np.asarray(out[0]) for path, out in flat.items() if path[-1] == "__call__"}
 
 
-def layerwise(spec: ModelSpec, api: str, torch_model: torch.nn.Module, state: Any, x: np.ndarray, tol: float) -> list[LayerDiff]:
+def layerwise(
+    spec: ModelSpec, api: str, torch_model: torch.nn.Module, state: Any, x: np.ndarray, tol: float
+) -> list[LayerDiff]:
     """Per-layer max |torch - flax| in torch's execution order, for layers both sides
     name. A layer is ok when its difference is within ``tol * max(1, max |output|)``."""
     flax_out = _flax_outputs(spec, api, state, x)
@@ -189,7 +197,9 @@ def layerwise(spec: ModelSpec, api: str, torch_model: torch.nn.Module, state: An
     return diffs
 
 
-def run(models: list[str], apis: list[str], *, seeds: list[int], batch: int, device: str = "cpu", progress=None) -> list[dict]:
+def run(
+    models: list[str], apis: list[str], *, seeds: list[int], batch: int, device: str = "cpu", progress=None
+) -> list[dict]:
     """Every (model, api, seed) check; ``progress`` is called after each."""
     records = []
     for name in models:

@@ -31,7 +31,9 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"`{meta['command']}` on {meta['device_name']} ({meta['device']}), {meta['date']}.",
         "",
-        "python {python}, numpy {numpy}, torch {torch}, jax {jax}, jaxlib {jaxlib}, flax {flax}, optax {optax}".format(**meta),
+        "python {python}, numpy {numpy}, torch {torch}, jax {jax}, jaxlib {jaxlib}, flax {flax}, optax {optax}".format(
+            **meta
+        ),
         "",
     ]
     if "equivalence" in results:
@@ -62,7 +64,9 @@ def console(results: dict[str, Any], console: Console | None = None) -> None:
         for c in EQUIVALENCE_COLUMNS:
             table.add_column(c, justify="right" if c.startswith(("max", "tol")) else "left")
         for r in results["equivalence"]:
-            table.add_row(*[_fmt(r[c]).replace("**", "") for c in EQUIVALENCE_COLUMNS], style=None if r["ok"] else "red")
+            table.add_row(
+                *[_fmt(r[c]).replace("**", "") for c in EQUIVALENCE_COLUMNS], style=None if r["ok"] else "red"
+            )
         console.print(table)
         for r in results["equivalence"]:
             if not r["ok"]:

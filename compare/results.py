@@ -39,7 +39,7 @@ def meta(device: str) -> dict[str, Any]:
         **versions,
         "device": device,
         "device_name": device_name(device),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, "-m", "compare.run", *sys.argv[1:]]),
     }
 

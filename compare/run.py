@@ -25,7 +25,9 @@ SUITES = ["equivalence"]
 def _equivalence(args, progress_cb) -> list[dict]:
     models = list(registry.NAMES) if args.full else QUICK_MODELS
     seeds = [0, 1, 2] if args.full else [0]
-    return equivalence.run(models, ["linen", "nnx"], seeds=seeds, batch=16 if args.full else 8, device=args.device, progress=progress_cb)
+    return equivalence.run(
+        models, ["linen", "nnx"], seeds=seeds, batch=16 if args.full else 8, device=args.device, progress=progress_cb
+    )
 
 
 def _equivalence_size(args) -> int:
@@ -46,7 +48,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small sweep, a few minutes on a 2-core CPU (default)")
     size.add_argument("--full", action="store_true", help="every model, more seeds and sizes")
-    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="auto: gpu when one is visible")
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "gpu"], default="auto", help="auto: gpu when one is visible"
+    )
     parser.add_argument("--out", type=Path, help="output folder (default: runs/<timestamp>)")
     args = parser.parse_args(argv)
     suites = args.suite or DEFAULT_SUITES

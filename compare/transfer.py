@@ -179,7 +179,9 @@ def _numpy(x: Any) -> np.ndarray:
     return a.astype(np.float32) if a.dtype.name in ("bfloat16", "float16") else a
 
 
-def _validate(given: Mapping[str, Any], expected: Mapping[str, tuple[tuple[int, ...], str]], allow_nonfinite: bool) -> list[str]:
+def _validate(
+    given: Mapping[str, Any], expected: Mapping[str, tuple[tuple[int, ...], str]], allow_nonfinite: bool
+) -> list[str]:
     """Problems of ``given`` against ``expected`` = {key: (shape, 'float' | 'int')}."""
     problems = [f"missing key '{k}' (expected shape {expected[k][0]})" for k in expected if k not in given]
     problems += [f"unexpected key '{k}' (shape {_shape(given[k])})" for k in given if k not in expected]
@@ -191,7 +193,10 @@ def _validate(given: Mapping[str, Any], expected: Mapping[str, tuple[tuple[int, 
         if got_shape != shape:
             problems.append(f"shape mismatch at '{key}': expected {shape}, got {got_shape}")
         if got_kind != kind:
-            problems.append(f"dtype mismatch at '{key}': expected a {kind} tensor, got {getattr(value, 'dtype', type(value))}")
+            want = "a floating-point" if kind == "float" else "an integer"
+            problems.append(
+                f"dtype mismatch at '{key}': expected {want} tensor, got {getattr(value, 'dtype', type(value))}"
+            )
         elif kind == "float" and not allow_nonfinite:
             finite = np.isfinite(_numpy(value))
             if not finite.all():
@@ -285,7 +290,9 @@ def nnx_to_flat(model: nnx.Module) -> FlatFlax:
     return {k: np.asarray(var.get_value()) for k, (_, var) in _nnx_flat_variables(model).items()}
 
 
-def flat_into_nnx(model: nnx.Module, flat: Mapping[str, Any], *, allow_nonfinite: bool = False, what: str = "-> nnx") -> None:
+def flat_into_nnx(
+    model: nnx.Module, flat: Mapping[str, Any], *, allow_nonfinite: bool = False, what: str = "-> nnx"
+) -> None:
     """Write flat Flax arrays into ``model`` in place, after validating all of them."""
     current = _nnx_flat_variables(model)
     expected = {
@@ -295,7 +302,8 @@ def flat_into_nnx(model: nnx.Module, flat: Mapping[str, Any], *, allow_nonfinite
     if problems:
         raise TransferError(what, problems)
     updates = [
-        (path, var.replace(jnp.asarray(_numpy(flat[k]), dtype=var.get_value().dtype))) for k, (path, var) in current.items()
+        (path, var.replace(jnp.asarray(_numpy(flat[k]), dtype=var.get_value().dtype)))
+        for k, (path, var) in current.items()
     ]
     nnx.update(model, nnx.from_flat_state(updates))
 
@@ -322,7 +330,11 @@ def linen_to_torch(variables: Mapping[str, Any], spec: ModelSpec | str, *, dtype
 
 
 def torch_to_nnx(
-    state_dict: Mapping[str, Any], spec: ModelSpec | str, model: nnx.Module | None = None, *, allow_nonfinite: bool = False
+    state_dict: Mapping[str, Any],
+    spec: ModelSpec | str,
+    model: nnx.Module | None = None,
+    *,
+    allow_nonfinite: bool = False,
 ) -> nnx.Module:
     """Load a torch state_dict into ``model`` (built from ``spec`` when None) and return it."""
     spec = get(spec)
@@ -338,7 +350,11 @@ def nnx_to_torch(model: nnx.Module, spec: ModelSpec | str, *, dtype=None, allow_
 
 
 def linen_to_nnx(
-    variables: Mapping[str, Any], spec: ModelSpec | str, model: nnx.Module | None = None, *, allow_nonfinite: bool = False
+    variables: Mapping[str, Any],
+    spec: ModelSpec | str,
+    model: nnx.Module | None = None,
+    *,
+    allow_nonfinite: bool = False,
 ) -> nnx.Module:
     """Load linen variables into an nnx model (built from ``spec`` when None)."""
     spec = get(spec)

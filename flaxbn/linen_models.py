@@ -15,7 +15,6 @@ explicitly: Flax's default ``'SAME'`` differs from torch's for stride 2.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -144,7 +143,7 @@ class ResNet(nn.Module):
         if cfg.stem == "imagenet":
             # max_pool pads with -inf, as torch's MaxPool2d does
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        for i, (blocks, width) in enumerate(zip(cfg.layers, cfg.stage_widths()), start=1):
+        for i, (blocks, width) in enumerate(zip(cfg.layers, cfg.stage_widths(), strict=True), start=1):
             x = Stage(cfg, width, blocks, 1 if i == 1 else 2, name=f"layer{i}")(x, train=train)
         x = jnp.mean(x, axis=(1, 2))  # global average pool: (N, H, W, C) -> (N, C)
         x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
@@ -157,5 +156,3 @@ def build(cfg: ModelConfig) -> nn.Module:
     if type(cfg) not in kinds:
         raise TypeError(f"unknown config type {type(cfg).__name__}; expected MLPConfig, CNNConfig or ResNetConfig")
     return kinds[type(cfg)](cfg)
-
-

@@ -15,6 +15,8 @@ Layer names equal torch's (``fc1``, ``bn1``, ``layer1/0/bn2``, ``layer2/0/downsa
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -44,7 +46,7 @@ class MLP(nnx.Module):
     def __init__(self, cfg: MLPConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         widths = (cfg.in_features, *cfg.hidden)
-        for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:]), start=1):
+        for i, (n_in, n_out) in enumerate(itertools.pairwise(widths), start=1):
             setattr(self, f"fc{i}", nnx.Linear(n_in, n_out, rngs=rngs))
             if cfg.use_bn:
                 setattr(self, f"bn{i}", _batch_norm(cfg, n_out, rngs))
@@ -68,7 +70,7 @@ class CNN(nnx.Module):
     def __init__(self, cfg: CNNConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         chans = (cfg.in_channels, *cfg.channels)
-        for i, (c_in, c_out) in enumerate(zip(chans[:-1], chans[1:]), start=1):
+        for i, (c_in, c_out) in enumerate(itertools.pairwise(chans), start=1):
             setattr(self, f"conv{i}", _conv(c_in, c_out, 3, 1, 1, rngs, bias=not cfg.use_bn))
             if cfg.use_bn:
                 setattr(self, f"bn{i}", _batch_norm(cfg, c_out, rngs))
@@ -105,7 +107,9 @@ class BasicBlock(nnx.Module):
         # torch's nn.Sequential(conv1x1, bn): entries 0 and 1
         needs_downsample = stride != 1 or c_in != c_out
         self.downsample = (
-            nnx.List([_conv(c_in, c_out, 1, stride, 0, rngs), _batch_norm(cfg, c_out, rngs)]) if needs_downsample else None
+            nnx.List([_conv(c_in, c_out, 1, stride, 0, rngs), _batch_norm(cfg, c_out, rngs)])
+            if needs_downsample
+            else None
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -125,9 +129,12 @@ class ResNet(nnx.Module):
             self.conv1 = _conv(cfg.in_channels, cfg.width, 3, 1, 1, rngs)
         self.bn1 = _batch_norm(cfg, cfg.width, rngs)
         c_in = cfg.width
-        for i, (blocks, c_out) in enumerate(zip(cfg.layers, cfg.stage_widths()), start=1):
+        for i, (blocks, c_out) in enumerate(zip(cfg.layers, cfg.stage_widths(), strict=True), start=1):
             stride = 1 if i == 1 else 2
-            stage = [BasicBlock(c_in if b == 0 else c_out, c_out, stride if b == 0 else 1, cfg, rngs=rngs) for b in range(blocks)]
+            stage = [
+                BasicBlock(c_in if b == 0 else c_out, c_out, stride if b == 0 else 1, cfg, rngs=rngs)
+                for b in range(blocks)
+            ]
             setattr(self, f"layer{i}", nnx.List(stage))
             c_in = c_out
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)

@@ -6,4 +6,4 @@ Imports torch and numpy only; never jax, flax or ``compare``.
 from torchbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig
 from torchbn.models import CNN, MLP, BasicBlock, ResNet, build
 
-__all__ = ["CNN", "CNNConfig", "MLP", "MLPConfig", "ModelConfig", "BasicBlock", "ResNet", "ResNetConfig", "build"]
+__all__ = ["CNN", "MLP", "BasicBlock", "CNNConfig", "MLPConfig", "ModelConfig", "ResNet", "ResNetConfig", "build"]

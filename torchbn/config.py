@@ -86,8 +86,7 @@ class CNNConfig:
                 problems.append(f"{field} must be an int >= 1, got {v!r}")
         if not problems and self.image_size % 2 ** len(self.channels):
             problems.append(
-                f"image_size must be divisible by 2**len(channels) = {2 ** len(self.channels)}, "
-                f"got {self.image_size}"
+                f"image_size must be divisible by 2**len(channels) = {2 ** len(self.channels)}, got {self.image_size}"
             )
         _check(problems, type(self).__name__)
 

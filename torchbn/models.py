@@ -10,6 +10,8 @@ mean and *biased* batch variance and updates its buffers in place (running_var w
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -27,7 +29,7 @@ class MLP(nn.Module):
         super().__init__()
         self.cfg = cfg
         widths = (cfg.in_features, *cfg.hidden)
-        for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:]), start=1):
+        for i, (n_in, n_out) in enumerate(itertools.pairwise(widths), start=1):
             setattr(self, f"fc{i}", nn.Linear(n_in, n_out))
             setattr(self, f"bn{i}", _bn(nn.BatchNorm1d, n_out, cfg) if cfg.use_bn else nn.Identity())
             setattr(self, f"drop{i}", nn.Dropout(cfg.dropout))
@@ -54,7 +56,7 @@ class CNN(nn.Module):
         super().__init__()
         self.cfg = cfg
         chans = (cfg.in_channels, *cfg.channels)
-        for i, (c_in, c_out) in enumerate(zip(chans[:-1], chans[1:]), start=1):
+        for i, (c_in, c_out) in enumerate(itertools.pairwise(chans), start=1):
             conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=not cfg.use_bn)
             setattr(self, f"conv{i}", conv)
             setattr(self, f"bn{i}", _bn(nn.BatchNorm2d, c_out, cfg) if cfg.use_bn else nn.Identity())
@@ -110,7 +112,7 @@ class ResNet(nn.Module):
             self.conv1 = nn.Conv2d(cfg.in_channels, cfg.width, 3, stride=1, padding=1, bias=False)
         self.bn1 = _bn(nn.BatchNorm2d, cfg.width, cfg)
         c_in = cfg.width
-        for i, (blocks, c_out) in enumerate(zip(cfg.layers, cfg.stage_widths()), start=1):
+        for i, (blocks, c_out) in enumerate(zip(cfg.layers, cfg.stage_widths(), strict=True), start=1):
             stride = 1 if i == 1 else 2
             stage = [BasicBlock(c_in if b == 0 else c_out, c_out, stride if b == 0 else 1, cfg) for b in range(blocks)]
             setattr(self, f"layer{i}", nn.Sequential(*stage))

@@ -1,0 +1,66 @@
+"""Eval-mode equivalence: same weights, same input, same logits in torch, linen and nnx."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import APIS, MODELS
+
+from compare import equivalence, registry, transfer
+
+
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("name", MODELS)
+def test_eval_logits_match_torch_within_the_stated_tolerance(name, api):
+    """Tolerances (equivalence.TOLERANCE) are 1e-5 for mlp/cnn and 1e-4 for the ResNets,
+    about 10x the largest difference measured over five seeds."""
+    record = equivalence.check_eval(name, api, seed=3)
+    assert record["ok"], record
+    assert record["max_abs_diff"] <= equivalence.TOLERANCE[name]
+
+
+def test_randomized_batchnorm_statistics_are_far_from_the_defaults():
+    """Means and variances away from 0 and 1, different per channel, so that a swap of
+    mean and var (or of scale and bias) changes the output."""
+    spec = registry.get("cnn")
+    model = spec.build_torch()
+    equivalence.randomize_batchnorm(model, torch.randn(8, *spec.input_shape), seed=0)
+    for bn in [model.bn1, model.bn2, model.fc_bn]:
+        assert bn.running_mean.abs().mean() > 0.01
+        assert (bn.running_var - 1).abs().mean() > 0.05
+        assert bn.running_var.std() > 0.01 and bn.weight.std() > 0.01
+        assert int(bn.num_batches_tracked) > 0
+
+
+def _eval_pair(name, seed=0):
+    spec = registry.get(name)
+    model = spec.build_torch()
+    equivalence.randomize_batchnorm(model, torch.randn(8, *spec.input_shape), seed)
+    model.eval()
+    x = np.random.default_rng(seed).standard_normal((4, *spec.input_shape), dtype=np.float32)
+    return spec, model, x
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_a_swapped_mean_and_var_is_found_at_its_layer(api):
+    """The layer-by-layer report names the first layer whose output differs."""
+    spec, model, x = _eval_pair("resnet18_cifar")
+    variables = transfer.torch_to_linen(model.state_dict(), spec)
+    stats = variables["batch_stats"]["layer2"]["0"]["bn2"]
+    stats["mean"], stats["var"] = stats["var"], stats["mean"]
+    state = variables if api == "linen" else transfer.linen_to_nnx(variables, spec)
+    layers = equivalence.layerwise(spec, api, model, state, x, tol=1e-4)
+    first_bad = next(d.layer for d in layers if not d.ok)
+    assert first_bad == "layer2.0.bn2"
+    assert all(d.ok for d in layers[: [d.layer for d in layers].index(first_bad)])
+
+
+def test_a_failed_check_records_the_first_divergent_layer(monkeypatch):
+    """With a zero tolerance every check fails, and the record carries the layer table."""
+    monkeypatch.setitem(equivalence.TOLERANCE, "mlp", 0.0)
+    record = equivalence.check_eval("mlp", "nnx")
+    assert not record["ok"]
+    assert record["first_divergence"] in {"fc1", "bn1", "fc2", "bn2", "head"}
+    compared = [d["layer"] for d in record["layers"] if not d["layer"].startswith("drop")]
+    assert compared == ["fc1", "bn1", "fc2", "bn2", "head"]  # torch's execution order
