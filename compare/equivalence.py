@@ -10,6 +10,7 @@ layer whose output differs, so a porting bug is found in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -104,8 +105,21 @@ def check_eval(
     """One eval-mode equivalence record (fields in DESIGN.md, plus ``first_divergence``
     and ``layers`` when the check fails). ``device`` is 'cpu' or 'gpu' for both sides."""
     spec = get(spec)
-    with jax.default_device(jax.devices(device)[0]):
+    with true_float32(), jax.default_device(jax.devices(device)[0]):
         return _check_eval(spec, api, seed, batch, tol, "cuda" if device == "gpu" else "cpu")
+
+
+@contextlib.contextmanager
+def true_float32():
+    """float32 matmuls and convolutions on both sides: TF32 off in torch (cuBLAS and
+    cuDNN), ``highest`` matmul precision in JAX. No effect on CPU."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with jax.default_matmul_precision("highest"):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _check_eval(spec: ModelSpec, api: str, seed: int, batch: int, tol: float | None, torch_device: str) -> dict:
