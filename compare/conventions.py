@@ -83,16 +83,23 @@ def dense_to_flattened_linear(k: np.ndarray, chw: tuple[int, int, int]) -> np.nd
 _FLAX_TWIN = {tcfg.MLPConfig: fcfg.MLPConfig, tcfg.CNNConfig: fcfg.CNNConfig, tcfg.ResNetConfig: fcfg.ResNetConfig}
 
 
-def flax_config(cfg: tcfg.ModelConfig) -> fcfg.ModelConfig:
-    """The Flax twin of a torch configuration: same fields, momentum in Flax's direction."""
+def flax_config(cfg: tcfg.ModelConfig, bn_semantics: str = "flax") -> fcfg.ModelConfig:
+    """The Flax twin of a torch configuration: same fields, momentum in Flax's direction.
+
+    ``momentum=None`` (torch's cumulative average) needs ``bn_semantics="torch"``.
+    """
     fields = dataclasses.asdict(cfg)
-    fields["bn_momentum"] = torch_to_flax_momentum(cfg.bn_momentum)
-    return _FLAX_TWIN[type(cfg)](**fields)
+    if cfg.bn_momentum is None and bn_semantics == "torch":
+        fields["bn_momentum"] = None
+    else:
+        fields["bn_momentum"] = torch_to_flax_momentum(cfg.bn_momentum)
+    return _FLAX_TWIN[type(cfg)](**fields, bn_semantics=bn_semantics)
 
 
 def torch_config(cfg: fcfg.ModelConfig) -> tcfg.ModelConfig:
-    """The torch twin of a Flax configuration."""
+    """The torch twin of a Flax configuration (``bn_semantics`` has no torch field)."""
     fields = dataclasses.asdict(cfg)
-    fields["bn_momentum"] = flax_to_torch_momentum(cfg.bn_momentum)
+    del fields["bn_semantics"]
+    fields["bn_momentum"] = None if cfg.bn_momentum is None else flax_to_torch_momentum(cfg.bn_momentum)
     twin = {v: k for k, v in _FLAX_TWIN.items()}
     return twin[type(cfg)](**fields)

@@ -32,6 +32,10 @@ class ModelSpec:
     def flax_config(self):
         return conventions.flax_config(self.config)
 
+    def flax_config_with(self, bn_semantics: str = "flax"):
+        """The Flax twin with the chosen BatchNorm semantics ('flax' or 'torch')."""
+        return conventions.flax_config(self.config, bn_semantics)
+
     @property
     def flax_input_shape(self) -> tuple[int, ...]:
         """One sample in Flax layout: (C, H, W) -> (H, W, C)."""
@@ -48,11 +52,12 @@ class ModelSpec:
     def build_torch(self) -> tnn.Module:
         return torchbn.build(self.config)
 
-    def build_linen(self) -> nn.Module:
-        return linen_models.build(self.flax_config)
+    def build_linen(self, bn_semantics: str = "flax") -> nn.Module:
+        return linen_models.build(self.flax_config_with(bn_semantics))
 
-    def build_nnx(self, rngs: nnx.Rngs | None = None) -> nnx.Module:
-        return nnx_models.build(self.flax_config, rngs=rngs if rngs is not None else nnx.Rngs(0))
+    def build_nnx(self, rngs: nnx.Rngs | None = None, bn_semantics: str = "flax") -> nnx.Module:
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        return nnx_models.build(self.flax_config_with(bn_semantics), rngs=rngs)
 
 
 def _input_shape(cfg: ModelConfig, old: tuple[int, ...]) -> tuple[int, ...]:

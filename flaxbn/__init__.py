@@ -3,15 +3,17 @@
 or ``compare``."""
 
 from flaxbn import linen_models, nnx_models
-from flaxbn.batchnorm import LinenBatchNorm, NnxBatchNorm
+from flaxbn.batchnorm import LinenBatchNorm, LinenTorchBatchNorm, NnxBatchNorm, NnxTorchBatchNorm
 from flaxbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig
 
 __all__ = [
     "CNNConfig",
     "LinenBatchNorm",
+    "LinenTorchBatchNorm",
     "MLPConfig",
     "ModelConfig",
     "NnxBatchNorm",
+    "NnxTorchBatchNorm",
     "ResNetConfig",
     "linen_models",
     "nnx_models",

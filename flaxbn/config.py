@@ -4,6 +4,10 @@ Momentum follows Flax: ``running = momentum * running + (1 - momentum) * batch``
 0.9 here is torch's 0.1. (Flax's own BatchNorm default is 0.99; these configs default to
 0.9 so that they match torch's default network.) Images are NHWC. The PyTorch twin
 (``torchbn/config.py``) has the same fields; ``compare.conventions`` converts.
+
+``bn_semantics`` picks the BatchNorm (``flaxbn/batchnorm.py``): ``"flax"`` (default) is
+stock Flax statistics (biased running variance); ``"torch"`` reproduces torch's
+(unbiased running variance, and ``bn_momentum=None`` for the cumulative average).
 """
 
 from __future__ import annotations
@@ -25,8 +29,12 @@ def _common_problems(cfg) -> list[str]:
         p = getattr(cfg, field, 0.0)
         if not (isinstance(p, (int, float)) and 0.0 <= p <= 1.0):
             problems.append(f"{field} must be in [0, 1], got {p!r}")
+    if cfg.bn_semantics not in ("flax", "torch"):
+        problems.append(f"bn_semantics must be 'flax' or 'torch', got {cfg.bn_semantics!r}")
     m = cfg.bn_momentum
-    if not (isinstance(m, (int, float)) and 0.0 <= m <= 1.0):
+    if m is None and cfg.bn_semantics != "torch":
+        problems.append("bn_momentum=None (cumulative average) needs bn_semantics='torch'")
+    elif m is not None and not (isinstance(m, (int, float)) and 0.0 <= m <= 1.0):
         problems.append(f"bn_momentum must be in [0, 1] (Flax direction: weight of the old value), got {m!r}")
     if not (isinstance(cfg.bn_eps, (int, float)) and cfg.bn_eps > 0):
         problems.append(f"bn_eps must be > 0, got {cfg.bn_eps!r}")
@@ -48,8 +56,9 @@ class MLPConfig:
     hidden: tuple[int, ...] = (256, 256)
     num_classes: int = 10
     dropout: float = 0.5
-    bn_momentum: float = 0.9
+    bn_momentum: float | None = 0.9
     bn_eps: float = 1e-5
+    bn_semantics: Literal["flax", "torch"] = "flax"
     use_bn: bool = True
 
     def __post_init__(self):
@@ -74,8 +83,9 @@ class CNNConfig:
     num_classes: int = 10
     dropout2d: float = 0.1
     dropout: float = 0.5
-    bn_momentum: float = 0.9
+    bn_momentum: float | None = 0.9
     bn_eps: float = 1e-5
+    bn_semantics: Literal["flax", "torch"] = "flax"
     use_bn: bool = True
 
     def __post_init__(self):
@@ -112,8 +122,9 @@ class ResNetConfig:
     width: int = 64
     stem: Literal["imagenet", "cifar"] = "imagenet"
     dropout: float = 0.0
-    bn_momentum: float = 0.9
+    bn_momentum: float | None = 0.9
     bn_eps: float = 1e-5
+    bn_semantics: Literal["flax", "torch"] = "flax"
     zero_init_residual: bool = False
 
     def __post_init__(self):

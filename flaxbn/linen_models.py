@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from flaxbn.batchnorm import LinenBatchNorm
+from flaxbn.batchnorm import LinenBatchNorm, LinenTorchBatchNorm
 from flaxbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig
 
 # torch's default inits differ (kaiming-uniform); transferred weights make that moot.
@@ -27,6 +27,10 @@ from flaxbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig
 
 
 def _batch_norm(cfg, train: bool, name: str) -> nn.Module:
+    if cfg.bn_semantics == "torch":
+        return LinenTorchBatchNorm(
+            use_running_average=not train, momentum=cfg.bn_momentum, epsilon=cfg.bn_eps, name=name
+        )
     return LinenBatchNorm(
         use_running_average=not train,
         momentum=cfg.bn_momentum,

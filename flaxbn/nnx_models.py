@@ -21,11 +21,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxbn.batchnorm import NnxBatchNorm
+from flaxbn.batchnorm import NnxBatchNorm, NnxTorchBatchNorm
 from flaxbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig
 
 
-def _batch_norm(cfg, features: int, rngs: nnx.Rngs) -> NnxBatchNorm:
+def _batch_norm(cfg, features: int, rngs: nnx.Rngs) -> nnx.Module:
+    if cfg.bn_semantics == "torch":
+        return NnxTorchBatchNorm(features, momentum=cfg.bn_momentum, epsilon=cfg.bn_eps, rngs=rngs)
     return NnxBatchNorm(
         features,
         momentum=cfg.bn_momentum,
