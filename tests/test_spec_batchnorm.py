@@ -163,7 +163,7 @@ def test_torch_train_forward_changes_the_buffers_in_place():
 def test_linen_returns_updated_batch_stats_only_when_mutable_is_passed():
     layer = nn.BatchNorm(use_running_average=False, momentum=0.9)
     variables = layer.init(jax.random.key(0), jnp.zeros((2, 4)))
-    y, updates = layer.apply(variables, _x(), mutable=["batch_stats"])
+    _y, updates = layer.apply(variables, _x(), mutable=["batch_stats"])
     assert set(updates) == {"batch_stats"}
     assert not np.allclose(updates["batch_stats"]["mean"], 0)
     np.testing.assert_array_equal(variables["batch_stats"]["mean"], np.zeros(4))  # the input is not touched
@@ -342,7 +342,10 @@ def _bn_input_grad(fw: str, x: np.ndarray, g: np.ndarray) -> np.ndarray:
     if fw == "linen":
         layer = nn.BatchNorm(use_running_average=False)
         variables = layer.init(jax.random.key(0), x)
-        f = lambda x: jnp.sum(layer.apply(variables, x, mutable=["batch_stats"])[0] * g)
+
+        def f(x):
+            return jnp.sum(layer.apply(variables, x, mutable=["batch_stats"])[0] * g)
+
         return np.asarray(jax.grad(f)(jnp.asarray(x)))
     layer = nnx.BatchNorm(x.shape[1], rngs=nnx.Rngs(0))
     return np.asarray(nnx.grad(lambda layer, x: jnp.sum(layer(x) * g), argnums=1)(layer, jnp.asarray(x)))
