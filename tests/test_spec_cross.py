@@ -1,0 +1,71 @@
+"""Cross-framework facts: layouts, convolution padding, and GPU float32 precision.
+(Same weights give the same eval outputs: ``test_equivalence.py``.)"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import linen as nn
+
+from compare import conventions
+
+spec = pytest.mark.spec
+needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or jax.default_backend() != "gpu",
+    reason="GPU-only fact: needs CUDA torch and CUDA jax",
+)
+
+
+def _conv_pair(stride: int, padding) -> float:
+    """max |torch conv - flax conv| for a 7x7 conv with torch padding 3 and the given Flax padding."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)  # (N, C, H, W)
+    w = rng.standard_normal((8, 3, 7, 7)).astype(np.float32)  # OIHW
+    expected = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), stride=stride, padding=3).numpy()
+    conv = nn.Conv(8, (7, 7), strides=(stride, stride), padding=padding, use_bias=False)
+    y = conv.apply({"params": {"kernel": conventions.oihw_to_hwio(w)}}, jnp.asarray(conventions.nchw_to_nhwc(x)))
+    got = conventions.nhwc_to_nchw(np.asarray(y))
+    return float(np.max(np.abs(got - expected))) if got.shape == expected.shape else float("inf")
+
+
+@spec("cross.conv_padding.flax_same_differs_from_torch_at_stride_2")
+def test_flax_default_same_padding_breaks_equivalence_at_stride_2_and_explicit_padding_fixes_it():
+    """'SAME' pads (2, 3) for k=7, s=2 on 32 (the extra pad on the high side); torch pads
+    (3, 3). Ported models state padding explicitly (google/flax#2993)."""
+    assert nn.Conv(8, (3, 3)).padding == "SAME"
+    assert torch.nn.Conv2d(3, 8, 3).padding == (0, 0)
+    assert _conv_pair(1, "SAME") < 1e-4  # stride 1: 'SAME' is symmetric, same result (measured 4e-6)
+    assert _conv_pair(2, "SAME") > 1.0  # stride 2: shifted window, measured ~10
+    assert _conv_pair(2, ((3, 3), (3, 3))) < 1e-4  # explicit torch padding: measured 4e-6
+
+
+@spec("cross.layout.nchw_vs_nhwc")
+def test_torch_is_channels_first_and_flax_channels_last():
+    x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    assert conventions.nchw_to_nhwc(x).shape == (2, 4, 5, 3)
+    np.testing.assert_array_equal(conventions.nhwc_to_nchw(conventions.nchw_to_nhwc(x)), x)
+    w = np.zeros((8, 3, 7, 5), np.float32)  # torch (O, I, kH, kW)
+    assert conventions.oihw_to_hwio(w).shape == (7, 5, 3, 8)  # Flax (kH, kW, I, O)
+    assert conventions.linear_to_dense(np.zeros((10, 4), np.float32)).shape == (4, 10)
+
+
+@spec("cross.gpu.torch_cudnn_tf32_on_by_default")
+@needs_gpu
+def test_torch_uses_tf32_in_cudnn_convolutions_by_default_but_not_in_matmuls():
+    assert torch.backends.cudnn.allow_tf32 is True
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+
+
+@spec("cross.gpu.jax_default_precision_is_not_true_float32")
+@needs_gpu
+def test_jax_default_matmul_precision_on_gpu_is_lower_than_highest():
+    """JAX's DEFAULT precision uses TF32 on Ampere and newer (jax#18934): a large float32
+    matmul differs from the 'highest' one far beyond float32 rounding."""
+    rng = np.random.default_rng(0)
+    a, b = (jnp.asarray(rng.standard_normal((1024, 1024)).astype(np.float32)) for _ in range(2))
+    default = np.asarray(a @ b)
+    highest = np.asarray(jnp.matmul(a, b, precision="highest"))
+    assert np.max(np.abs(default - highest)) > 1e-3  # TF32 keeps 10 mantissa bits

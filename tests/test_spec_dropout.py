@@ -1,0 +1,241 @@
+"""The Dropout spec: scaling, rates, channel-wise masks, and where each framework's
+randomness comes from. Flax means the stock ``flax.linen.Dropout`` / ``flax.nnx.Dropout``."""
+
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch._inductor.config as inductor_config
+from flax import linen as nn
+from flax import nnx
+from frameworks import FRAMEWORKS
+
+import flaxbn
+
+spec = pytest.mark.spec
+
+
+def dropout(fw: str, x: np.ndarray, rate: float, *, train: bool = True, seed: int = 0, broadcast_dims=()) -> np.ndarray:
+    """One dropout of ``x`` in framework ``fw``; ``broadcast_dims=(1, 2)`` on NHWC input is
+    channel-wise (torch: ``Dropout2d`` on the NCHW transpose)."""
+    if fw == "torch":
+        torch.manual_seed(seed)
+        layer = torch.nn.Dropout2d(rate) if broadcast_dims else torch.nn.Dropout(rate)
+        t = torch.from_numpy(x)
+        t = t.permute(0, 3, 1, 2) if broadcast_dims else t  # (N, H, W, C) -> (N, C, H, W)
+        y = layer.train(train)(t)
+        return (y.permute(0, 2, 3, 1) if broadcast_dims else y).numpy()
+    if fw == "linen":
+        layer = nn.Dropout(rate, broadcast_dims=broadcast_dims)
+        return np.asarray(layer.apply({}, jnp.asarray(x), deterministic=not train, rngs={"dropout": jax.random.key(seed)}))
+    layer = nnx.Dropout(rate, broadcast_dims=broadcast_dims, rngs=nnx.Rngs(dropout=seed))
+    return np.asarray(layer(jnp.asarray(x), deterministic=not train))
+
+
+def _ones(*shape) -> np.ndarray:
+    return np.ones(shape, np.float32)
+
+
+@spec("dropout.rate_outside_0_1.torch_raises_flax_silent")
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_a_rate_outside_0_1_raises_in_torch_and_silently_zeroes_in_flax(fw):
+    if fw == "torch":
+        with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1, but got 1.5"):
+            torch.nn.Dropout(1.5)
+    else:
+        np.testing.assert_array_equal(dropout(fw, _ones(4, 8), 1.5), np.zeros((4, 8)))
+
+
+@spec("dropout.rate_outside_0_1.flaxbn_validates")
+def test_flaxbn_rejects_a_rate_outside_0_1_when_the_model_is_built():
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\], got 1.5"):
+        flaxbn.MLPConfig(dropout=1.5)
+    with pytest.raises(ValueError, match=r"dropout2d must be in \[0, 1\], got -0.1"):
+        flaxbn.CNNConfig(dropout2d=-0.1)
+
+
+@spec("dropout.inverted_scaling")
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_kept_units_are_scaled_by_one_over_keep_probability_and_dropped_ones_are_exactly_zero(fw):
+    x = np.random.default_rng(0).uniform(1, 2, (64, 64)).astype(np.float32)
+    y = dropout(fw, x, 0.25)
+    kept = y != 0
+    assert 0 < kept.sum() < kept.size
+    # float32 x * (1/0.75) vs x / 0.75 differ in the last bit: measured 1.2e-7 relative
+    np.testing.assert_allclose(y[kept], x[kept] / 0.75, rtol=1e-6, atol=0)
+    assert np.all(y[~kept] == 0.0)
+
+
+@spec("dropout.eval_is_identity")
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_eval_is_the_identity(fw):
+    x = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+    np.testing.assert_array_equal(dropout(fw, x, 0.5, train=False), x)
+
+
+@spec("dropout.p0_is_identity_in_training")
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_rate_0_is_the_identity_in_training(fw):
+    x = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+    np.testing.assert_array_equal(dropout(fw, x, 0.0), x)
+
+
+@spec("dropout.p1_zeroes_torch_keeps_nan_flax_does_not")
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_rate_1_gives_zeros_but_torch_multiplies_so_inf_and_nan_become_nan(fw):
+    x = np.array([[1.0, np.inf, np.nan, -2.0]], np.float32)
+    y = dropout(fw, x, 1.0)
+    if fw == "torch":
+        np.testing.assert_array_equal(y, [[0.0, np.nan, np.nan, 0.0]])  # x * 0
+    else:
+        np.testing.assert_array_equal(y, np.zeros((1, 4)))  # zeros_like: "prevent gradient NaNs"
+
+
+@spec("dropout.keep_rate_within_binomial_bounds")
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_the_keep_rate_is_one_minus_p_within_binomial_bounds(fw):
+    """n = 200,000 draws at p = 0.3: |kept - 0.7 n| <= 6 sigma = 1,230. For any seed the
+    chance of a miss is 2e-9; with the fixed seeds here the test is deterministic."""
+    n, p = 200_000, 0.3
+    kept = int((dropout(fw, _ones(400, 500), p, seed=11) != 0).sum())
+    assert abs(kept - (1 - p) * n) <= 6 * np.sqrt(n * p * (1 - p))
+
+
+@spec("dropout.channelwise_one_mask_value_per_sample_and_channel")
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_channel_dropout_draws_one_mask_value_per_sample_and_channel(fw):
+    """torch ``Dropout2d`` on NCHW == Flax ``Dropout(broadcast_dims=(1, 2))`` on NHWC."""
+    y = dropout(fw, _ones(8, 5, 5, 16), 0.5, broadcast_dims=(1, 2))  # (N, H, W, C)
+    per_channel = y.reshape(8, 25, 16)
+    assert np.all(per_channel == per_channel[:, :1, :])  # constant over H and W
+    assert 0 < (per_channel[:, 0, :] == 0).sum() < 8 * 16  # some channels dropped, not all
+
+
+@spec("dropout.torch.functional_defaults_to_training")
+def test_torch_functional_dropout_defaults_to_training_true():
+    """``F.dropout(x, p)`` drops even in a model in eval mode (pytorch#141557)."""
+    torch.manual_seed(0)
+    assert (torch.nn.functional.dropout(torch.ones(100), 0.5) == 0).any()
+
+
+@spec("dropout.torch.global_generator_same_seed_same_mask")
+def test_torch_draws_from_the_global_generator_and_the_same_seed_gives_the_same_mask():
+    x = _ones(32, 32)
+    assert np.array_equal(dropout("torch", x, 0.5, seed=3), dropout("torch", x, 0.5, seed=3))
+    assert not np.array_equal(dropout("torch", x, 0.5, seed=3), dropout("torch", x, 0.5, seed=4))
+    torch.manual_seed(3)
+    layer = torch.nn.Dropout(0.5)
+    assert not torch.equal(layer(torch.ones(32, 32)), layer(torch.ones(32, 32)))  # the generator advances
+
+
+@spec("dropout.torch.compile_draws_other_masks_unless_fallback_random")
+def test_torch_compile_draws_other_masks_than_eager_unless_fallback_random_is_set():
+    """Inductor has its own RNG (pytorch/torchdynamo#2042); ``fallback_random`` restores eager's."""
+
+    def f(x):
+        return torch.nn.functional.dropout(x, 0.5, training=True)
+
+    x = torch.ones(4096)
+    torch.manual_seed(0)
+    eager = f(x)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    assert not torch.equal(torch.compile(f)(x), eager)
+    torch._dynamo.reset()
+    with inductor_config.patch(fallback_random=True):
+        torch.manual_seed(0)
+        assert torch.equal(torch.compile(f)(x), eager)
+    torch._dynamo.reset()
+
+
+@spec("dropout.linen.rng_streams_dropout_then_params_fallback")
+def test_linen_takes_the_dropout_stream_falls_back_to_params_and_raises_only_without_either():
+    layer, x = nn.Dropout(0.5), jnp.ones((16, 16))
+    with_dropout = layer.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
+    only_params = layer.apply({}, x, deterministic=False, rngs={"params": jax.random.key(0)})  # silent fallback
+    assert (np.asarray(with_dropout) == 0).any() and (np.asarray(only_params) == 0).any()
+    with pytest.raises(flax.errors.InvalidRngError, match='needs PRNG for "dropout"'):
+        layer.apply({}, x, deterministic=False)
+
+
+@spec("dropout.linen.same_key_same_mask_fold_in_for_fresh_masks")
+def test_linen_gives_the_same_mask_for_the_same_key_so_a_loop_must_fold_in_the_step():
+    x = _ones(32, 32)
+    key = jax.random.key(0)
+
+    def masks(key):
+        return np.asarray(nn.Dropout(0.5).apply({}, x, deterministic=False, rngs={"dropout": key})) != 0
+
+    assert np.array_equal(masks(key), masks(key))
+    step_masks = [masks(jax.random.fold_in(key, step)) for step in range(3)]
+    assert not np.array_equal(step_masks[0], step_masks[1]) and not np.array_equal(step_masks[1], step_masks[2])
+
+
+@spec("dropout.nnx.streams_advance_also_under_nnx_jit")
+def test_nnx_rng_streams_advance_on_every_call_also_under_nnx_jit():
+    layer, x = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=0)), jnp.ones((32, 32))
+    a, b = layer(x), layer(x)
+    assert not np.array_equal(a, b)
+    step = nnx.jit(lambda m, x: m(x))
+    c, d = step(layer, x), step(layer, x)
+    assert not np.array_equal(c, d) and not np.array_equal(b, c)
+    assert int(layer.rngs.count[...]) == 4  # the layer's own stream, forked at construction
+
+
+@spec("dropout.nnx.reseed_reproduces_masks")
+def test_nnx_reseed_reproduces_the_masks():
+    layer, x = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=0)), jnp.ones((32, 32))
+    first, second = layer(x), layer(x)
+    nnx.reseed(layer, dropout=0)
+    np.testing.assert_array_equal(layer(x), first)
+    np.testing.assert_array_equal(layer(x), second)
+
+
+@spec("dropout.nnx.split_merge_in_jax_jit_repeats_the_mask")
+def test_nnx_split_merge_inside_jax_jit_repeats_one_mask_unless_the_rng_state_is_returned():
+    """The classic trap: the RNG count advances inside the trace but is thrown away."""
+    layer, x = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=0)), jnp.ones((32, 32))
+    graphdef, state = nnx.split(layer)
+
+    @jax.jit
+    def trap(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    np.testing.assert_array_equal(trap(state, x), trap(state, x))  # the same mask every step
+
+    @jax.jit
+    def fixed(state, x):
+        model = nnx.merge(graphdef, state)
+        return model(x), nnx.state(model)
+
+    y1, state = fixed(state, x)
+    y2, state = fixed(state, x)
+    assert not np.array_equal(y1, y2)
+
+
+@spec("dropout.same_seed_same_mask_sequence")
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_two_models_built_from_the_same_seed_draw_the_same_sequence_of_masks(api):
+    from compare import registry
+
+    spec_ = registry.get("mlp").replace(in_features=16, hidden=(32,))
+    x = jnp.ones((8, 16))
+    if api == "nnx":
+        a, b = spec_.build_nnx(nnx.Rngs(params=0, dropout=5)), spec_.build_nnx(nnx.Rngs(params=0, dropout=5))
+        seq_a, seq_b = [a(x) for _ in range(3)], [b(x) for _ in range(3)]
+    else:
+        model = spec_.build_linen()
+        variables = model.init(jax.random.key(0), x, train=False)
+
+        def run(step):
+            key = jax.random.fold_in(jax.random.key(5), step)
+            return model.apply(variables, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"])[0]
+
+        seq_a, seq_b = [run(s) for s in range(3)], [run(s) for s in range(3)]
+    for ya, yb in zip(seq_a, seq_b, strict=True):
+        np.testing.assert_array_equal(ya, yb)
+    assert not np.array_equal(seq_a[0], seq_a[1])
