@@ -214,8 +214,11 @@ def _validate(
 # --- torch <-> flat Flax ------------------------------------------------------------
 
 
-def torch_to_flat(state_dict: Mapping[str, Any], spec: ModelSpec | str, *, allow_nonfinite: bool = False) -> FlatFlax:
-    """A torch state_dict (tensors or numpy arrays) as flat Flax arrays, after validation."""
+def torch_to_flat(
+    state_dict: Mapping[str, Any], spec: ModelSpec | str, *, allow_nonfinite: bool = False, float_dtype=np.float32
+) -> FlatFlax:
+    """A torch state_dict (tensors or numpy arrays) as flat Flax arrays, after validation.
+    Floating tensors become ``float_dtype`` (float32; float64 for a float64 comparison)."""
     spec = get(spec)
     sd = strip_prefixes(state_dict)
     moves = plan(spec)
@@ -225,8 +228,10 @@ def torch_to_flat(state_dict: Mapping[str, Any], spec: ModelSpec | str, *, allow
         raise TransferError(f"torch state_dict -> Flax '{spec.name}'", problems)
     flat = {}
     for m in moves:
-        dtype = np.int32 if m.is_count else np.float32
-        flat[m.flax_key] = np.asarray(m.to_flax(_numpy(sd[m.torch_key])), dtype=dtype)
+        dtype = np.int32 if m.is_count else float_dtype
+        # a copy: jnp.asarray may alias numpy memory on CPU, and numpy() aliases the tensor,
+        # so without it a later in-place torch update would change the Flax weights too
+        flat[m.flax_key] = np.array(m.to_flax(_numpy(sd[m.torch_key])), dtype=dtype, copy=True)
     return flat
 
 
@@ -291,9 +296,10 @@ def nnx_to_flat(model: nnx.Module) -> FlatFlax:
 
 
 def flat_into_nnx(
-    model: nnx.Module, flat: Mapping[str, Any], *, allow_nonfinite: bool = False, what: str = "-> nnx"
+    model: nnx.Module, flat: Mapping[str, Any], *, allow_nonfinite: bool = False, what: str = "-> nnx", float_dtype=None
 ) -> None:
-    """Write flat Flax arrays into ``model`` in place, after validating all of them."""
+    """Write flat Flax arrays into ``model`` in place, after validating all of them.
+    Floats take the model's dtype, or ``float_dtype`` when given."""
     current = _nnx_flat_variables(model)
     expected = {
         k: (tuple(var.get_value().shape), "int" if k.endswith(_COUNT) else "float") for k, (_, var) in current.items()
@@ -301,9 +307,12 @@ def flat_into_nnx(
     problems = _validate(flat, expected, allow_nonfinite)
     if problems:
         raise TransferError(what, problems)
+
+    def dtype(key, var):
+        return float_dtype if float_dtype is not None and not key.endswith(_COUNT) else var.get_value().dtype
+
     updates = [
-        (path, var.replace(jnp.asarray(_numpy(flat[k]), dtype=var.get_value().dtype)))
-        for k, (path, var) in current.items()
+        (path, var.replace(jnp.asarray(_numpy(flat[k]), dtype=dtype(k, var)))) for k, (path, var) in current.items()
     ]
     nnx.update(model, nnx.from_flat_state(updates))
 
@@ -319,9 +328,11 @@ def _check_linen(flat: FlatFlax, spec: ModelSpec, what: str, allow_nonfinite: bo
         raise TransferError(what, problems)
 
 
-def torch_to_linen(state_dict: Mapping[str, Any], spec: ModelSpec | str, *, allow_nonfinite: bool = False) -> dict:
+def torch_to_linen(
+    state_dict: Mapping[str, Any], spec: ModelSpec | str, *, allow_nonfinite: bool = False, float_dtype=np.float32
+) -> dict:
     """A torch state_dict as linen variables ``{"params", "batch_stats"}`` for ``spec``."""
-    return flat_to_linen(torch_to_flat(state_dict, spec, allow_nonfinite=allow_nonfinite))
+    return flat_to_linen(torch_to_flat(state_dict, spec, allow_nonfinite=allow_nonfinite, float_dtype=float_dtype))
 
 
 def linen_to_torch(variables: Mapping[str, Any], spec: ModelSpec | str, *, dtype=None, allow_nonfinite: bool = False):
@@ -335,12 +346,15 @@ def torch_to_nnx(
     model: nnx.Module | None = None,
     *,
     allow_nonfinite: bool = False,
+    float_dtype=None,
 ) -> nnx.Module:
-    """Load a torch state_dict into ``model`` (built from ``spec`` when None) and return it."""
+    """Load a torch state_dict into ``model`` (built from ``spec`` when None) and return it.
+    Floats take the model's dtype (float32), or ``float_dtype`` when given."""
     spec = get(spec)
-    flat = torch_to_flat(state_dict, spec, allow_nonfinite=allow_nonfinite)
+    flat = torch_to_flat(state_dict, spec, allow_nonfinite=allow_nonfinite, float_dtype=float_dtype or np.float32)
     model = spec.build_nnx() if model is None else model
-    flat_into_nnx(model, flat, allow_nonfinite=allow_nonfinite, what=f"torch state_dict -> nnx '{spec.name}'")
+    what = f"torch state_dict -> nnx '{spec.name}'"
+    flat_into_nnx(model, flat, allow_nonfinite=allow_nonfinite, what=what, float_dtype=float_dtype)
     return model
 
 

@@ -31,7 +31,9 @@ def dropout(fw: str, x: np.ndarray, rate: float, *, train: bool = True, seed: in
         return (y.permute(0, 2, 3, 1) if broadcast_dims else y).numpy()
     if fw == "linen":
         layer = nn.Dropout(rate, broadcast_dims=broadcast_dims)
-        return np.asarray(layer.apply({}, jnp.asarray(x), deterministic=not train, rngs={"dropout": jax.random.key(seed)}))
+        return np.asarray(
+            layer.apply({}, jnp.asarray(x), deterministic=not train, rngs={"dropout": jax.random.key(seed)})
+        )
     layer = nnx.Dropout(rate, broadcast_dims=broadcast_dims, rngs=nnx.Rngs(dropout=seed))
     return np.asarray(layer(jnp.asarray(x), deterministic=not train))
 

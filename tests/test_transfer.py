@@ -60,6 +60,26 @@ def test_num_batches_tracked_survives_a_round_trip_through_flax():
     assert int(back["bn1.num_batches_tracked"]) == 12345
 
 
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_transferred_weights_do_not_alias_the_torch_tensors(api):
+    """An in-place torch update after the transfer (an optimizer step) leaves Flax alone."""
+    spec = registry.get("mlp")
+    model = spec.build_torch()
+    state = (
+        transfer.torch_to_linen(model.state_dict(), spec)
+        if api == "linen"
+        else transfer.torch_to_nnx(model.state_dict(), spec)
+    )
+    before = transfer.linen_to_flat(state) if api == "linen" else transfer.nnx_to_flat(state)
+    before = {k: v.copy() for k, v in before.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model.bn1.running_mean.add_(1.0)
+    after = transfer.linen_to_flat(state) if api == "linen" else transfer.nnx_to_flat(state)
+    assert_flat_equal(after, before)
+
+
 def test_numpy_arrays_transfer_exactly_like_tensors():
     """A state_dict read from a file may hold numpy arrays instead of tensors."""
     spec = registry.get("cnn")
