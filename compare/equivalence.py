@@ -221,6 +221,6 @@ def run(
             for seed in seeds:
                 records.append(check_eval(name, api, seed=seed, batch=batch, device=device))
                 if progress:
-                    progress(f"{name}/{api}/seed {seed}")
+                    progress(f"{name}/{api}/seed {seed}", None)
     jax.clear_caches()
     return records

@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 EQUIVALENCE_COLUMNS = ("model", "flax_api", "mode", "dtype", "max_abs_diff", "max_rel_diff", "tol", "ok")
+TRAIN_COLUMNS = (
+    "model",
+    "flax_api",
+    "max_abs_diff",
+    "grad_max_rel_diff",
+    "stats_max_abs_diff",
+    "trajectory_float64_max_rel_diff",
+    "trajectory_float32_final_rel_diff",
+    "trajectory_float32_first_step_above_1e-4",
+    "ok",
+)
+SPEC_COLUMNS = ("id", "framework", "ok", "detail")
 
 
 def _fmt(value: Any) -> str:
     if isinstance(value, bool):
         return "ok" if value else "**FAIL**"
+    if value is None:
+        return "-"
     if isinstance(value, float):
         return f"{value:.2e}"
     return str(value)
@@ -20,11 +35,50 @@ def _fmt(value: Any) -> str:
 
 def _md_table(columns: tuple[str, ...], rows: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|") for c in columns) + " |" for r in rows]
     return lines
 
 
-def markdown(results: dict[str, Any]) -> str:
+def _equivalence_md(records: list[dict], out: Path | None) -> list[str]:
+    evals = [r for r in records if r["mode"] == "eval"]
+    trains = [r for r in records if r["mode"] == "train"]
+    lines = []
+    if evals:
+        lines += [
+            "## Equivalence in eval mode: same weights, same input, torch vs Flax",
+            "",
+            "`max_abs_diff` is max |torch - flax| over the logits; `max_rel_diff` is that over max |torch|.",
+            "",
+            *_md_table(EQUIVALENCE_COLUMNS, evals),
+            "",
+        ]
+        for r in evals:
+            if not r["ok"] and r.get("layers"):
+                lines += [
+                    f"### {r['model']} / {r['flax_api']}: first divergence at `{r['first_divergence']}`",
+                    "",
+                    *_md_table(("layer", "max_abs_diff", "scale", "ok"), r["layers"]),
+                    "",
+                ]
+    if trains:
+        lines += [
+            "## Equivalence in train mode: same weights, data and dropout masks",
+            "",
+            "One float32 step: logits (`max_abs_diff`), gradients (worst tensor, relative) and running",
+            "statistics, with the torch-compatible BatchNorm. Then 200 SGD steps on both sides: in",
+            "float64 the trajectories agree to rounding (checked); in float32 they agree until a",
+            "discrete decision (a ReLU input or a max-pool tie within rounding) flips, after which",
+            "the runs separate (recorded, not checked).",
+            "",
+            *_md_table(TRAIN_COLUMNS, trains),
+            "",
+        ]
+        if out is not None and (out / "train_divergence.png").exists():
+            lines += ["![divergence per training step](train_divergence.png)", ""]
+    return lines
+
+
+def markdown(results: dict[str, Any], out: Path | None = None) -> str:
     meta = results["meta"]
     lines = [
         "# compare.run report",
@@ -37,37 +91,37 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     if "equivalence" in results:
-        records = results["equivalence"]
+        lines += _equivalence_md(results["equivalence"], out)
+    if "spec" in results:
+        facts = results["spec"]
+        passed = sum(r["ok"] is True for r in facts)
+        skipped = sum(r["ok"] is None for r in facts)
         lines += [
-            "## Equivalence: same weights, same input, torch vs Flax",
+            "## Spec: the facts of SEMANTICS.md, checked on these versions",
             "",
-            "`max_abs_diff` is max |torch - flax| over the logits; `max_rel_diff` is that over max |torch|.",
+            f"{passed} of {len(facts)} hold, {len(facts) - passed - skipped} do not, {skipped} could not be checked here.",
             "",
-            *_md_table(EQUIVALENCE_COLUMNS, records),
+            *_md_table(SPEC_COLUMNS, facts),
             "",
         ]
-        for r in records:
-            if not r["ok"] and r.get("layers"):
-                lines += [
-                    f"### {r['model']} / {r['flax_api']}: first divergence at `{r['first_divergence']}`",
-                    "",
-                    *_md_table(("layer", "max_abs_diff", "scale", "ok"), r["layers"]),
-                    "",
-                ]
     return "\n".join(lines) + "\n"
 
 
 def console(results: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
-    if "equivalence" in results:
-        table = Table(title="equivalence (torch vs Flax, same weights)")
-        for c in EQUIVALENCE_COLUMNS:
+    for key, columns, title in [
+        ("equivalence", EQUIVALENCE_COLUMNS, "equivalence (torch vs Flax, same weights)"),
+        ("spec", ("id", "framework", "ok"), "spec facts on the installed versions"),
+    ]:
+        if key not in results:
+            continue
+        table = Table(title=title)
+        for c in columns:
             table.add_column(c, justify="right" if c.startswith(("max", "tol")) else "left")
-        for r in results["equivalence"]:
-            table.add_row(
-                *[_fmt(r[c]).replace("**", "") for c in EQUIVALENCE_COLUMNS], style=None if r["ok"] else "red"
-            )
+        for r in results[key]:
+            style = "red" if r.get("ok") is False else ("yellow" if r.get("ok") is None else None)
+            table.add_row(*[_fmt(r.get(c)).replace("**", "") for c in columns], style=style)
         console.print(table)
-        for r in results["equivalence"]:
-            if not r["ok"]:
-                console.print(f"[red]{r['model']}/{r['flax_api']}: first divergence at {r['first_divergence']}[/red]")
+    for r in results.get("equivalence", []):
+        if r.get("ok") is False and r.get("first_divergence"):
+            console.print(f"[red]{r['model']}/{r['flax_api']}: first divergence at {r['first_divergence']}[/red]")

@@ -1,8 +1,8 @@
 """Command line: ``python -m compare.run [--suite NAME ...] [--quick | --full] [--device auto|cpu|gpu] [--out DIR]``.
 
-Runs the chosen suites, writes ``results.json`` and ``report.md`` into ``--out`` (default:
-a new time-stamped folder under ``runs/``), prints the tables, and exits non-zero when
-any check that should hold does not.
+Runs the chosen suites, writes ``results.json`` and ``report.md`` (and PNG plots) into
+``--out`` (default: a new time-stamped folder under ``runs/``), prints the tables, and
+exits non-zero when any check that should hold does not.
 """
 
 from __future__ import annotations
@@ -15,26 +15,38 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from compare import equivalence, registry, report, results
+from compare import equivalence, plots, registry, report, results
 
 QUICK_MODELS = ["mlp", "cnn", "resnet18", "resnet18_cifar"]
 DEFAULT_SUITES = ["equivalence"]
-SUITES = ["equivalence"]
+SUITES = ["equivalence", "spec"]
+TRAIN_MODELS = ["mlp", "cnn"]
 
 
-def _equivalence(args, progress_cb) -> list[dict]:
+def _equivalence(args, progress) -> dict[str, list[dict]]:
     models = list(registry.NAMES) if args.full else QUICK_MODELS
     seeds = [0, 1, 2] if args.full else [0]
-    return equivalence.run(
-        models, ["linen", "nnx"], seeds=seeds, batch=16 if args.full else 8, device=args.device, progress=progress_cb
+    progress(None, len(models) * len(seeds) * 2)
+    records = equivalence.run(
+        models, ["linen", "nnx"], seeds=seeds, batch=16 if args.full else 8, device=args.device, progress=progress
     )
+    return {"equivalence": records}
 
 
-def _equivalence_size(args) -> int:
-    return (len(registry.NAMES) * 3 if args.full else len(QUICK_MODELS)) * 2
+def _spec(args, progress) -> dict[str, list[dict]]:
+    """The spec facts (pytest), then the train-mode equivalence records of mlp and cnn."""
+    from compare import spec, train_equivalence
+
+    facts = spec.run(progress=lambda fact, total: progress(fact, total + len(TRAIN_MODELS) * 2))
+    train = []
+    for name in TRAIN_MODELS:
+        for api in ("linen", "nnx"):
+            train.append(train_equivalence.record(name, api, steps=200))
+            progress(f"train-mode {name}/{api}", None)
+    return {"spec": facts, "equivalence": train}
 
 
-RUNNERS = {"equivalence": (_equivalence, _equivalence_size)}
+RUNNERS = {"equivalence": _equivalence, "spec": _spec}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,16 +89,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     console = Console() if sys.stdout.isatty() else Console(width=120)
     args.out.mkdir(parents=True, exist_ok=True)
-    out = {"meta": results.meta(args.device)}
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-    ) as bar:
+    out: dict = {"meta": results.meta(args.device)}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as bar:
         for suite in args.suites:
-            run, size = RUNNERS[suite]
-            task = bar.add_task(suite, total=size(args))
-            out[suite] = run(args, lambda what, task=task: bar.update(task, advance=1, description=f"{suite}: {what}"))
+            task = bar.add_task(suite, total=None)
+
+            def progress(what, total, task=task, suite=suite):
+                if total is not None:
+                    bar.update(task, total=total)
+                if what is not None:
+                    bar.update(task, advance=1, description=f"{suite}: {what}")
+
+            for key, records in RUNNERS[suite](args, progress).items():
+                out.setdefault(key, []).extend(records)
+    plots.divergence(out.get("equivalence", []), args.out / "train_divergence.png")
     results.write(args.out / "results.json", out)
-    (args.out / "report.md").write_text(report.markdown(out))
+    (args.out / "report.md").write_text(report.markdown(out, args.out))
     report.console(out, console)
     failed = results.failures(out)
     console.print(f"wrote {args.out / 'results.json'} and {args.out / 'report.md'}")

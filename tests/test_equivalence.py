@@ -10,6 +10,7 @@ from conftest import APIS, MODELS
 from compare import equivalence, registry, transfer
 
 
+@pytest.mark.spec("cross.eval.same_weights_same_outputs")
 @pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("name", MODELS)
 def test_eval_logits_match_torch_within_the_stated_tolerance(name, api):

@@ -66,6 +66,7 @@ def test_running_var_update_uses_the_unbiased_variance_in_torch_and_the_biased_o
     np.testing.assert_allclose(bn.stats["var"], 0.9 * 1.0 + 0.1 * x.var(0, ddof=ddof), rtol=RTOL, atol=ATOL)
 
 
+@spec("bn.running_var.batch_terms_ratio_is_n_over_n_minus_1", framework="cross")
 def test_the_running_var_batch_terms_of_torch_and_flax_differ_by_n_over_n_minus_1():
     n = 8
     x = _x(n=n, seed=3)
@@ -91,7 +92,7 @@ def test_default_epsilon_is_1e_5_and_enters_inside_the_square_root(fw):
     np.testing.assert_allclose(y[0, 0], 0.75 / np.sqrt(0.1875 + eps), rtol=RTOL, atol=ATOL)
 
 
-@spec("bn.momentum.flax_default_is_0.99")
+@spec("bn.momentum.flax_default_is_0.99", framework="cross")
 def test_flax_default_momentum_is_0_99_not_0_9_and_torch_default_is_0_1():
     """Flax's porting guide says 0.9; the code says 0.99 (a torch port must pass 0.9)."""
     assert torch.nn.BatchNorm1d(4).momentum == 0.1
@@ -113,6 +114,7 @@ def test_flax_fast_variance_loses_precision_on_a_large_mean_and_two_pass_fixes_i
     assert np.max(np.abs(two_pass - expected)) < 2e-2
 
 
+@spec("bn.fast_variance.ported_models_use_two_pass", framework="nnx")
 def test_the_ported_flax_models_use_two_pass_variance():
     spec_ = registry.get("cnn")
     model = spec_.build_nnx()
@@ -150,7 +152,7 @@ def test_eval_uses_the_running_statistics_and_updates_nothing(fw):
     np.testing.assert_array_equal(y_single, y[:1])
 
 
-@spec("bn.mutable.torch_buffers_in_place")
+@spec("bn.mutable.torch_buffers_in_place", framework="torch")
 def test_torch_train_forward_changes_the_buffers_in_place():
     layer = torch.nn.BatchNorm1d(4)
     buffer = layer.running_mean
@@ -159,7 +161,7 @@ def test_torch_train_forward_changes_the_buffers_in_place():
     assert int(layer.num_batches_tracked) == 1
 
 
-@spec("bn.mutable.linen_returns_updates_with_mutable")
+@spec("bn.mutable.linen_returns_updates_with_mutable", framework="linen")
 def test_linen_returns_updated_batch_stats_only_when_mutable_is_passed():
     layer = nn.BatchNorm(use_running_average=False, momentum=0.9)
     variables = layer.init(jax.random.key(0), jnp.zeros((2, 4)))
@@ -169,7 +171,7 @@ def test_linen_returns_updated_batch_stats_only_when_mutable_is_passed():
     np.testing.assert_array_equal(variables["batch_stats"]["mean"], np.zeros(4))  # the input is not touched
 
 
-@spec("bn.mutable.linen_raises_without_mutable")
+@spec("bn.mutable.linen_raises_without_mutable", framework="linen")
 def test_linen_training_without_mutable_raises_modify_scope_variable_error():
     layer = nn.BatchNorm(use_running_average=False)
     variables = layer.init(jax.random.key(0), jnp.zeros((2, 4)))
@@ -177,13 +179,13 @@ def test_linen_training_without_mutable_raises_modify_scope_variable_error():
         layer.apply(variables, _x())
 
 
-@spec("bn.mutable.linen_init_does_not_update")
+@spec("bn.mutable.linen_init_does_not_update", framework="linen")
 def test_linen_init_does_not_update_the_statistics():
     variables = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), _x(loc=5.0))
     np.testing.assert_array_equal(variables["batch_stats"]["mean"], np.zeros(4))
 
 
-@spec("bn.mutable.nnx_batchstat_in_place_and_mode_switch")
+@spec("bn.mutable.nnx_batchstat_in_place_and_mode_switch", framework="nnx")
 def test_nnx_updates_batch_stat_variables_in_place_and_train_eval_switch_the_mode():
     layer = nnx.BatchNorm(4, momentum=0.9, rngs=nnx.Rngs(0))
     assert layer.use_running_average is False  # nnx layers start in training mode
@@ -198,7 +200,7 @@ def test_nnx_updates_batch_stat_variables_in_place_and_train_eval_switch_the_mod
     assert layer.use_running_average is False
 
 
-@spec("bn.mutable.nnx_updates_survive_nnx_jit")
+@spec("bn.mutable.nnx_updates_survive_nnx_jit", framework="nnx")
 def test_nnx_state_updates_survive_nnx_jit():
     layer = nnx.BatchNorm(4, momentum=0.9, rngs=nnx.Rngs(0))
     x = jnp.asarray(_x())
@@ -206,7 +208,7 @@ def test_nnx_state_updates_survive_nnx_jit():
     np.testing.assert_allclose(layer.mean[...], 0.1 * np.asarray(x).mean(0), rtol=RTOL, atol=ATOL)
 
 
-@spec("bn.mutable.linen_jit_update_is_returned_not_applied")
+@spec("bn.mutable.linen_jit_update_is_returned_not_applied", framework="linen")
 def test_a_linen_update_made_inside_jax_jit_is_returned_not_applied():
     layer = nn.BatchNorm(use_running_average=False, momentum=0.9)
     variables = layer.init(jax.random.key(0), jnp.zeros((2, 4)))
@@ -220,7 +222,7 @@ def test_a_linen_update_made_inside_jax_jit_is_returned_not_applied():
     np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.1 * _x().mean(0), rtol=RTOL, atol=ATOL)
 
 
-@spec("bn.torch.momentum_none_is_cumulative_average")
+@spec("bn.torch.momentum_none_is_cumulative_average", framework="torch")
 def test_torch_momentum_none_is_the_cumulative_average_over_num_batches_tracked():
     layer = torch.nn.BatchNorm1d(4, momentum=None)
     batches = [_x(seed=s) for s in range(5)]
@@ -231,7 +233,7 @@ def test_torch_momentum_none_is_the_cumulative_average_over_num_batches_tracked(
     np.testing.assert_allclose(layer.running_var, np.mean([b.var(0, ddof=1) for b in batches], 0), rtol=RTOL, atol=ATOL)
 
 
-@spec("bn.torch.track_running_stats_false_uses_batch_stats_in_eval")
+@spec("bn.torch.track_running_stats_false_uses_batch_stats_in_eval", framework="torch")
 def test_torch_track_running_stats_false_keeps_no_buffers_and_uses_batch_statistics_in_eval_too():
     layer = torch.nn.BatchNorm1d(4, track_running_stats=False).eval()
     assert list(layer.state_dict()) == ["weight", "bias"]

@@ -52,7 +52,7 @@ def test_a_rate_outside_0_1_raises_in_torch_and_silently_zeroes_in_flax(fw):
         np.testing.assert_array_equal(dropout(fw, _ones(4, 8), 1.5), np.zeros((4, 8)))
 
 
-@spec("dropout.rate_outside_0_1.flaxbn_validates")
+@spec("dropout.rate_outside_0_1.flaxbn_validates", framework="cross")
 def test_flaxbn_rejects_a_rate_outside_0_1_when_the_model_is_built():
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\], got 1.5"):
         flaxbn.MLPConfig(dropout=1.5)
@@ -117,14 +117,14 @@ def test_channel_dropout_draws_one_mask_value_per_sample_and_channel(fw):
     assert 0 < (per_channel[:, 0, :] == 0).sum() < 8 * 16  # some channels dropped, not all
 
 
-@spec("dropout.torch.functional_defaults_to_training")
+@spec("dropout.torch.functional_defaults_to_training", framework="torch")
 def test_torch_functional_dropout_defaults_to_training_true():
     """``F.dropout(x, p)`` drops even in a model in eval mode (pytorch#141557)."""
     torch.manual_seed(0)
     assert (torch.nn.functional.dropout(torch.ones(100), 0.5) == 0).any()
 
 
-@spec("dropout.torch.global_generator_same_seed_same_mask")
+@spec("dropout.torch.global_generator_same_seed_same_mask", framework="torch")
 def test_torch_draws_from_the_global_generator_and_the_same_seed_gives_the_same_mask():
     x = _ones(32, 32)
     assert np.array_equal(dropout("torch", x, 0.5, seed=3), dropout("torch", x, 0.5, seed=3))
@@ -134,7 +134,7 @@ def test_torch_draws_from_the_global_generator_and_the_same_seed_gives_the_same_
     assert not torch.equal(layer(torch.ones(32, 32)), layer(torch.ones(32, 32)))  # the generator advances
 
 
-@spec("dropout.torch.compile_draws_other_masks_unless_fallback_random")
+@spec("dropout.torch.compile_draws_other_masks_unless_fallback_random", framework="torch")
 def test_torch_compile_draws_other_masks_than_eager_unless_fallback_random_is_set():
     """Inductor has its own RNG (pytorch/torchdynamo#2042); ``fallback_random`` restores eager's."""
 
@@ -154,7 +154,7 @@ def test_torch_compile_draws_other_masks_than_eager_unless_fallback_random_is_se
     torch._dynamo.reset()
 
 
-@spec("dropout.linen.rng_streams_dropout_then_params_fallback")
+@spec("dropout.linen.rng_streams_dropout_then_params_fallback", framework="linen")
 def test_linen_takes_the_dropout_stream_falls_back_to_params_and_raises_only_without_either():
     layer, x = nn.Dropout(0.5), jnp.ones((16, 16))
     with_dropout = layer.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
@@ -164,7 +164,7 @@ def test_linen_takes_the_dropout_stream_falls_back_to_params_and_raises_only_wit
         layer.apply({}, x, deterministic=False)
 
 
-@spec("dropout.linen.same_key_same_mask_fold_in_for_fresh_masks")
+@spec("dropout.linen.same_key_same_mask_fold_in_for_fresh_masks", framework="linen")
 def test_linen_gives_the_same_mask_for_the_same_key_so_a_loop_must_fold_in_the_step():
     x = _ones(32, 32)
     key = jax.random.key(0)
@@ -177,7 +177,7 @@ def test_linen_gives_the_same_mask_for_the_same_key_so_a_loop_must_fold_in_the_s
     assert not np.array_equal(step_masks[0], step_masks[1]) and not np.array_equal(step_masks[1], step_masks[2])
 
 
-@spec("dropout.nnx.streams_advance_also_under_nnx_jit")
+@spec("dropout.nnx.streams_advance_also_under_nnx_jit", framework="nnx")
 def test_nnx_rng_streams_advance_on_every_call_also_under_nnx_jit():
     layer, x = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=0)), jnp.ones((32, 32))
     a, b = layer(x), layer(x)
@@ -188,7 +188,7 @@ def test_nnx_rng_streams_advance_on_every_call_also_under_nnx_jit():
     assert int(layer.rngs.count[...]) == 4  # the layer's own stream, forked at construction
 
 
-@spec("dropout.nnx.reseed_reproduces_masks")
+@spec("dropout.nnx.reseed_reproduces_masks", framework="nnx")
 def test_nnx_reseed_reproduces_the_masks():
     layer, x = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=0)), jnp.ones((32, 32))
     first, second = layer(x), layer(x)
@@ -197,7 +197,7 @@ def test_nnx_reseed_reproduces_the_masks():
     np.testing.assert_array_equal(layer(x), second)
 
 
-@spec("dropout.nnx.split_merge_in_jax_jit_repeats_the_mask")
+@spec("dropout.nnx.split_merge_in_jax_jit_repeats_the_mask", framework="nnx")
 def test_nnx_split_merge_inside_jax_jit_repeats_one_mask_unless_the_rng_state_is_returned():
     """The classic trap: the RNG count advances inside the trace but is thrown away."""
     layer, x = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=0)), jnp.ones((32, 32))

@@ -127,6 +127,7 @@ def test_first_linear_after_flatten_has_its_inputs_permuted_from_chw_to_hwc():
         np.testing.assert_array_equal(kernel[(hi * w + wi) * c + ci], weight[:, (ci * h + hi) * w + wi])
 
 
+@pytest.mark.spec("cross.layout.flatten_order_chw_vs_hwc", framework="cross")
 def test_eval_outputs_disagree_when_the_flatten_permutation_is_removed(monkeypatch):
     """The permutation is what makes the CNN match: without it the logits are far apart."""
     assert equivalence.check_eval("cnn", "linen")["ok"]
@@ -230,6 +231,7 @@ def test_linen_variables_of_another_model_do_not_load_into_nnx():
         transfer.linen_to_nnx(variables, "mlp")
 
 
+@pytest.mark.spec("transfer.nnx_update_accepts_wrong_shapes", framework="nnx")
 def test_nnx_update_itself_accepts_a_kernel_of_another_shape_which_is_why_we_validate():
     """Pins the upstream behaviour that makes our own validation necessary."""
     model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
