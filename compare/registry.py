@@ -32,9 +32,10 @@ class ModelSpec:
     def flax_config(self):
         return conventions.flax_config(self.config)
 
-    def flax_config_with(self, bn_semantics: str = "flax"):
-        """The Flax twin with the chosen BatchNorm semantics ('flax' or 'torch')."""
-        return conventions.flax_config(self.config, bn_semantics)
+    def flax_config_with(self, bn_semantics: str = "flax", compute_dtype: str = "float32"):
+        """The Flax twin with the chosen BatchNorm semantics ('flax' or 'torch') and compute
+        dtype ('float32' or 'bfloat16')."""
+        return conventions.flax_config(self.config, bn_semantics, compute_dtype)
 
     @property
     def flax_input_shape(self) -> tuple[int, ...]:
@@ -52,12 +53,14 @@ class ModelSpec:
     def build_torch(self) -> tnn.Module:
         return torchbn.build(self.config)
 
-    def build_linen(self, bn_semantics: str = "flax") -> nn.Module:
-        return linen_models.build(self.flax_config_with(bn_semantics))
+    def build_linen(self, bn_semantics: str = "flax", compute_dtype: str = "float32") -> nn.Module:
+        return linen_models.build(self.flax_config_with(bn_semantics, compute_dtype))
 
-    def build_nnx(self, rngs: nnx.Rngs | None = None, bn_semantics: str = "flax") -> nnx.Module:
+    def build_nnx(
+        self, rngs: nnx.Rngs | None = None, bn_semantics: str = "flax", compute_dtype: str = "float32"
+    ) -> nnx.Module:
         rngs = rngs if rngs is not None else nnx.Rngs(0)
-        return nnx_models.build(self.flax_config_with(bn_semantics), rngs=rngs)
+        return nnx_models.build(self.flax_config_with(bn_semantics, compute_dtype), rngs=rngs)
 
 
 def _input_shape(cfg: ModelConfig, old: tuple[int, ...]) -> tuple[int, ...]:

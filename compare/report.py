@@ -21,6 +21,30 @@ TRAIN_COLUMNS = (
     "ok",
 )
 SPEC_COLUMNS = ("id", "framework", "ok", "detail")
+BENCH_COLUMNS = (
+    "model",
+    "dtype",
+    "batch_size",
+    "impl",
+    "step_ms_median",
+    "step_ms_p10",
+    "step_ms_p90",
+    "samples_per_s",
+    "compile_s",
+    "peak_mem_bytes",
+    "tflops_per_s",
+    "mfu",
+)
+SPEEDUP_COLUMNS = (
+    "model",
+    "dtype",
+    "batch_size",
+    "best_jax",
+    "best_torch",
+    "jax_samples_per_s",
+    "torch_samples_per_s",
+    "speedup",
+)
 
 
 def _fmt(value: Any) -> str:
@@ -29,7 +53,7 @@ def _fmt(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.2e}"
+        return f"{value:.4g}" if 0.01 <= abs(value) < 1e6 else f"{value:.2e}"
     return str(value)
 
 
@@ -78,6 +102,33 @@ def _equivalence_md(records: list[dict], out: Path | None) -> list[str]:
     return lines
 
 
+def _bench_md(results: dict[str, Any], out: Path | None) -> list[str]:
+    from compare.bench import speedups
+
+    records = results["bench"]
+    settings = results["meta"].get("bench_settings", {})
+    lines = [
+        "## Benchmark: one training step (BatchNorm + Dropout active, SGD momentum)",
+        "",
+        "Speed-up of the best JAX implementation over the best PyTorch one (samples/s):",
+        "",
+        *_md_table(SPEEDUP_COLUMNS, speedups(records)),
+        "",
+        "Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items() if k != "skipped"),
+        "",
+    ]
+    for what, why in settings.get("skipped", {}).items():
+        lines.append(f"* not run: `{what}`: {why}")
+    lines += ["", *_md_table(BENCH_COLUMNS, records), ""]
+    for png, caption in [
+        ("bench_throughput.png", "throughput against batch size"),
+        ("bench_compile_vs_steady.png", "compile and steady state"),
+    ]:
+        if out is not None and (out / png).exists():
+            lines += [f"![{caption}]({png})", ""]
+    return lines
+
+
 def markdown(results: dict[str, Any], out: Path | None = None) -> str:
     meta = results["meta"]
     lines = [
@@ -92,6 +143,8 @@ def markdown(results: dict[str, Any], out: Path | None = None) -> str:
     ]
     if "equivalence" in results:
         lines += _equivalence_md(results["equivalence"], out)
+    if "bench" in results:
+        lines += _bench_md(results, out)
     if "spec" in results:
         facts = results["spec"]
         passed = sum(r["ok"] is True for r in facts)
@@ -112,6 +165,11 @@ def console(results: dict[str, Any], console: Console | None = None) -> None:
     for key, columns, title in [
         ("equivalence", EQUIVALENCE_COLUMNS, "equivalence (torch vs Flax, same weights)"),
         ("spec", ("id", "framework", "ok"), "spec facts on the installed versions"),
+        (
+            "bench",
+            ("model", "dtype", "batch_size", "impl", "step_ms_median", "samples_per_s", "compile_s", "mfu"),
+            "benchmark",
+        ),
     ]:
         if key not in results:
             continue
@@ -122,6 +180,14 @@ def console(results: dict[str, Any], console: Console | None = None) -> None:
             style = "red" if r.get("ok") is False else ("yellow" if r.get("ok") is None else None)
             table.add_row(*[_fmt(r.get(c)).replace("**", "") for c in columns], style=style)
         console.print(table)
+    if "bench" in results:
+        from compare.bench import speedups
+
+        for row in speedups(results["bench"]):
+            console.print(
+                f"{row['model']} {row['dtype']} batch {row['batch_size']}: best JAX ({row['best_jax']}) is "
+                f"{row['speedup']:.2f}x the best PyTorch ({row['best_torch']})"
+            )
     for r in results.get("equivalence", []):
         if r.get("ok") is False and r.get("first_divergence"):
             console.print(f"[red]{r['model']}/{r['flax_api']}: first divergence at {r['first_divergence']}[/red]")

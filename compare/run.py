@@ -18,8 +18,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from compare import equivalence, plots, registry, report, results
 
 QUICK_MODELS = ["mlp", "cnn", "resnet18", "resnet18_cifar"]
-DEFAULT_SUITES = ["equivalence"]
-SUITES = ["equivalence", "spec"]
+DEFAULT_SUITES = ["equivalence", "bench"]
+SUITES = ["equivalence", "spec", "bench"]
 TRAIN_MODELS = ["mlp", "cnn"]
 
 
@@ -46,7 +46,20 @@ def _spec(args, progress) -> dict[str, list[dict]]:
     return {"spec": facts, "equivalence": train}
 
 
-RUNNERS = {"equivalence": _equivalence, "spec": _spec}
+def _bench(args, progress) -> dict:
+    from compare import bench
+
+    sweep = bench.SWEEPS[f"{'full' if args.full else 'quick'}-{args.device}"]
+    groups = sweep.groups()
+    progress(
+        None, sum(len([i for i in bench.all_implementations(args.device) if sweep.runs(m, i)]) for m, _, _ in groups)
+    )
+    records, settings = bench.run(sweep, args.device, progress=lambda what: progress(what, None))
+    skipped = {f"{m}/{i}": bench.SKIP_REASONS.get((m, i), "left out of this sweep") for m, i in sweep.skip}
+    return {"bench": records, "meta": {"bench_settings": {**settings, "skipped": skipped}}}
+
+
+RUNNERS = {"equivalence": _equivalence, "spec": _spec, "bench": _bench}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,8 +115,13 @@ def main(argv: list[str] | None = None) -> int:
                     bar.update(task, advance=1, description=f"{suite}: {what}")
 
             for key, records in RUNNERS[suite](args, progress).items():
-                out.setdefault(key, []).extend(records)
+                if key == "meta":
+                    out["meta"].update(records)
+                else:
+                    out.setdefault(key, []).extend(records)
     plots.divergence(out.get("equivalence", []), args.out / "train_divergence.png")
+    plots.throughput(out.get("bench", []), args.out / "bench_throughput.png")
+    plots.compile_vs_steady(out.get("bench", []), args.out / "bench_compile_vs_steady.png")
     results.write(args.out / "results.json", out)
     (args.out / "report.md").write_text(report.markdown(out, args.out))
     report.console(out, console)

@@ -8,6 +8,8 @@ Momentum follows Flax: ``running = momentum * running + (1 - momentum) * batch``
 ``bn_semantics`` picks the BatchNorm (``flaxbn/batchnorm.py``): ``"flax"`` (default) is
 stock Flax statistics (biased running variance); ``"torch"`` reproduces torch's
 (unbiased running variance, and ``bn_momentum=None`` for the cumulative average).
+``compute_dtype="bfloat16"`` is mixed precision: bfloat16 matmuls and convolutions,
+float32 parameters and float32 BatchNorm statistics (torch's autocast, in Flax terms).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def _common_problems(cfg) -> list[str]:
         p = getattr(cfg, field, 0.0)
         if not (isinstance(p, (int, float)) and 0.0 <= p <= 1.0):
             problems.append(f"{field} must be in [0, 1], got {p!r}")
+    if cfg.compute_dtype not in ("float32", "bfloat16"):
+        problems.append(f"compute_dtype must be 'float32' or 'bfloat16', got {cfg.compute_dtype!r}")
     if cfg.bn_semantics not in ("flax", "torch"):
         problems.append(f"bn_semantics must be 'flax' or 'torch', got {cfg.bn_semantics!r}")
     m = cfg.bn_momentum
@@ -59,6 +63,7 @@ class MLPConfig:
     bn_momentum: float | None = 0.9
     bn_eps: float = 1e-5
     bn_semantics: Literal["flax", "torch"] = "flax"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
     use_bn: bool = True
 
     def __post_init__(self):
@@ -86,6 +91,7 @@ class CNNConfig:
     bn_momentum: float | None = 0.9
     bn_eps: float = 1e-5
     bn_semantics: Literal["flax", "torch"] = "flax"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
     use_bn: bool = True
 
     def __post_init__(self):
@@ -125,6 +131,7 @@ class ResNetConfig:
     bn_momentum: float | None = 0.9
     bn_eps: float = 1e-5
     bn_semantics: Literal["flax", "torch"] = "flax"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
     zero_init_residual: bool = False
 
     def __post_init__(self):

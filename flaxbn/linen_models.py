@@ -21,6 +21,7 @@ from flax import linen as nn
 
 from flaxbn.batchnorm import LinenBatchNorm, LinenTorchBatchNorm
 from flaxbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig
+from flaxbn.pooling import max_pool_2x2
 
 # torch's default inits differ (kaiming-uniform); transferred weights make that moot.
 # Models trained from scratch keep Flax's defaults.
@@ -49,11 +50,11 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """(N, in_features) -> (N, num_classes) logits."""
         for i, width in enumerate(self.cfg.hidden, start=1):
-            x = nn.Dense(width, name=f"fc{i}")(x)
+            x = nn.Dense(width, dtype=_dtype(self.cfg), name=f"fc{i}")(x)
             if self.cfg.use_bn:
                 x = _batch_norm(self.cfg, train, f"bn{i}")(x)
             x = nn.Dropout(self.cfg.dropout, deterministic=not train)(nn.relu(x))
-        return nn.Dense(self.cfg.num_classes, name="head")(x)
+        return nn.Dense(self.cfg.num_classes, dtype=_dtype(self.cfg), name="head")(x)
 
 
 class CNN(nn.Module):
@@ -67,23 +68,32 @@ class CNN(nn.Module):
         """(N, H, W, C) -> (N, num_classes) logits."""
         cfg = self.cfg
         for i, c_out in enumerate(cfg.channels, start=1):
-            x = nn.Conv(c_out, (3, 3), padding=((1, 1), (1, 1)), use_bias=not cfg.use_bn, name=f"conv{i}")(x)
+            pad = ((1, 1), (1, 1))  # torch's padding=1, never 'SAME'
+            x = nn.Conv(c_out, (3, 3), padding=pad, use_bias=not cfg.use_bn, dtype=_dtype(cfg), name=f"conv{i}")(x)
             if cfg.use_bn:
                 x = _batch_norm(cfg, train, f"bn{i}")(x)
-            x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+            x = max_pool_2x2(nn.relu(x))  # torch's MaxPool2d(2), fast on XLA:CPU (flaxbn/pooling.py)
             # broadcast over H and W: one mask value per (sample, channel), like torch's Dropout2d
             x = nn.Dropout(cfg.dropout2d, broadcast_dims=(1, 2), deterministic=not train)(x)
         x = x.reshape(x.shape[0], -1)  # (N, H, W, C) -> (N, H*W*C), channel-minor
-        x = nn.Dense(cfg.hidden, name="fc")(x)
+        x = nn.Dense(cfg.hidden, dtype=_dtype(cfg), name="fc")(x)
         if cfg.use_bn:
             x = _batch_norm(cfg, train, "fc_bn")(x)
         x = nn.Dropout(cfg.dropout, deterministic=not train)(nn.relu(x))
-        return nn.Dense(cfg.num_classes, name="head")(x)
+        return nn.Dense(cfg.num_classes, dtype=_dtype(cfg), name="head")(x)
 
 
-def _conv(features: int, kernel: int, stride: int, padding: int, name: str) -> nn.Conv:
+def _dtype(cfg) -> jnp.dtype:
+    """Compute dtype of matmuls and convolutions; parameters stay float32."""
+    return jnp.dtype(cfg.compute_dtype)
+
+
+def _conv(cfg, features: int, kernel: int, stride: int, padding: int, name: str) -> nn.Conv:
     pad = ((padding, padding), (padding, padding))  # torch's symmetric padding, never 'SAME'
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad, use_bias=False, name=name)
+    strides = (stride, stride)
+    return nn.Conv(
+        features, (kernel, kernel), strides=strides, padding=pad, use_bias=False, dtype=_dtype(cfg), name=name
+    )
 
 
 class Downsample(nn.Module):
@@ -95,7 +105,7 @@ class Downsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        x = _conv(self.features, 1, self.stride, 0, name="0")(x)
+        x = _conv(self.cfg, self.features, 1, self.stride, 0, name="0")(x)
         return _batch_norm(self.cfg, train, "1")(x)
 
 
@@ -109,9 +119,9 @@ class BasicBlock(nn.Module):
         identity = x
         if self.stride != 1 or x.shape[-1] != self.features:
             identity = Downsample(self.cfg, self.features, self.stride, name="downsample")(x, train=train)
-        out = _conv(self.features, 3, self.stride, 1, "conv1")(x)
+        out = _conv(self.cfg, self.features, 3, self.stride, 1, "conv1")(x)
         out = nn.relu(_batch_norm(self.cfg, train, "bn1")(out))
-        out = _batch_norm(self.cfg, train, "bn2")(_conv(self.features, 3, 1, 1, "conv2")(out))
+        out = _batch_norm(self.cfg, train, "bn2")(_conv(self.cfg, self.features, 3, 1, 1, "conv2")(out))
         return nn.relu(out + identity)
 
 
@@ -140,9 +150,9 @@ class ResNet(nn.Module):
         """(N, H, W, C) -> (N, num_classes) logits."""
         cfg = self.cfg
         if cfg.stem == "imagenet":
-            x = _conv(cfg.width, 7, 2, 3, "conv1")(x)
+            x = _conv(cfg, cfg.width, 7, 2, 3, "conv1")(x)
         else:
-            x = _conv(cfg.width, 3, 1, 1, "conv1")(x)
+            x = _conv(cfg, cfg.width, 3, 1, 1, "conv1")(x)
         x = nn.relu(_batch_norm(cfg, train, "bn1")(x))
         if cfg.stem == "imagenet":
             # max_pool pads with -inf, as torch's MaxPool2d does
@@ -151,7 +161,7 @@ class ResNet(nn.Module):
             x = Stage(cfg, width, blocks, 1 if i == 1 else 2, name=f"layer{i}")(x, train=train)
         x = jnp.mean(x, axis=(1, 2))  # global average pool: (N, H, W, C) -> (N, C)
         x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
-        return nn.Dense(cfg.num_classes, name="fc")(x)
+        return nn.Dense(cfg.num_classes, dtype=_dtype(cfg), name="fc")(x)
 
 
 def build(cfg: ModelConfig) -> nn.Module:

@@ -23,6 +23,7 @@ from flax import nnx
 
 from flaxbn.batchnorm import NnxBatchNorm, NnxTorchBatchNorm
 from flaxbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig
+from flaxbn.pooling import max_pool_2x2
 
 
 def _batch_norm(cfg, features: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -33,13 +34,26 @@ def _batch_norm(cfg, features: int, rngs: nnx.Rngs) -> nnx.Module:
         momentum=cfg.bn_momentum,
         epsilon=cfg.bn_eps,
         use_fast_variance=False,  # two-pass variance, as torch computes it
+        dtype=_dtype(cfg),  # statistics stay float32
         rngs=rngs,
     )
 
 
-def _conv(c_in: int, c_out: int, kernel: int, stride: int, padding: int, rngs: nnx.Rngs, bias: bool = False):
+def _dtype(cfg) -> jnp.dtype:
+    """Compute dtype of matmuls and convolutions; parameters stay float32."""
+    return jnp.dtype(cfg.compute_dtype)
+
+
+def _linear(cfg, n_in: int, n_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(n_in, n_out, dtype=_dtype(cfg), rngs=rngs)
+
+
+def _conv(cfg, c_in: int, c_out: int, kernel: int, stride: int, padding: int, rngs: nnx.Rngs, bias: bool = False):
     pad = ((padding, padding), (padding, padding))  # torch's symmetric padding, never 'SAME'
-    return nnx.Conv(c_in, c_out, (kernel, kernel), strides=(stride, stride), padding=pad, use_bias=bias, rngs=rngs)
+    strides = (stride, stride)
+    return nnx.Conv(
+        c_in, c_out, (kernel, kernel), strides=strides, padding=pad, use_bias=bias, dtype=_dtype(cfg), rngs=rngs
+    )
 
 
 class MLP(nnx.Module):
@@ -49,11 +63,11 @@ class MLP(nnx.Module):
         self.cfg = cfg
         widths = (cfg.in_features, *cfg.hidden)
         for i, (n_in, n_out) in enumerate(itertools.pairwise(widths), start=1):
-            setattr(self, f"fc{i}", nnx.Linear(n_in, n_out, rngs=rngs))
+            setattr(self, f"fc{i}", _linear(cfg, n_in, n_out, rngs))
             if cfg.use_bn:
                 setattr(self, f"bn{i}", _batch_norm(cfg, n_out, rngs))
             setattr(self, f"drop{i}", nnx.Dropout(cfg.dropout, rngs=rngs))
-        self.head = nnx.Linear(widths[-1], cfg.num_classes, rngs=rngs)
+        self.head = _linear(cfg, widths[-1], cfg.num_classes, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(N, in_features) -> (N, num_classes) logits."""
@@ -73,17 +87,17 @@ class CNN(nnx.Module):
         self.cfg = cfg
         chans = (cfg.in_channels, *cfg.channels)
         for i, (c_in, c_out) in enumerate(itertools.pairwise(chans), start=1):
-            setattr(self, f"conv{i}", _conv(c_in, c_out, 3, 1, 1, rngs, bias=not cfg.use_bn))
+            setattr(self, f"conv{i}", _conv(cfg, c_in, c_out, 3, 1, 1, rngs, bias=not cfg.use_bn))
             if cfg.use_bn:
                 setattr(self, f"bn{i}", _batch_norm(cfg, c_out, rngs))
             # broadcast over H and W: one mask value per (sample, channel), like torch's Dropout2d
             setattr(self, f"drop{i}", nnx.Dropout(cfg.dropout2d, broadcast_dims=(1, 2), rngs=rngs))
         h, w, c = cfg.flatten_shape
-        self.fc = nnx.Linear(h * w * c, cfg.hidden, rngs=rngs)
+        self.fc = _linear(cfg, h * w * c, cfg.hidden, rngs)
         if cfg.use_bn:
             self.fc_bn = _batch_norm(cfg, cfg.hidden, rngs)
         self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)
-        self.head = nnx.Linear(cfg.hidden, cfg.num_classes, rngs=rngs)
+        self.head = _linear(cfg, cfg.hidden, cfg.num_classes, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(N, H, W, C) -> (N, num_classes) logits."""
@@ -91,7 +105,7 @@ class CNN(nnx.Module):
             x = getattr(self, f"conv{i}")(x)
             if self.cfg.use_bn:
                 x = getattr(self, f"bn{i}")(x)
-            x = nnx.max_pool(nnx.relu(x), (2, 2), strides=(2, 2))
+            x = max_pool_2x2(nnx.relu(x))  # torch's MaxPool2d(2), fast on XLA:CPU (flaxbn/pooling.py)
             x = getattr(self, f"drop{i}")(x)
         x = x.reshape(x.shape[0], -1)  # (N, H, W, C) -> (N, H*W*C), channel-minor
         x = self.fc(x)
@@ -102,14 +116,14 @@ class CNN(nnx.Module):
 
 class BasicBlock(nnx.Module):
     def __init__(self, c_in: int, c_out: int, stride: int, cfg: ResNetConfig, *, rngs: nnx.Rngs):
-        self.conv1 = _conv(c_in, c_out, 3, stride, 1, rngs)
+        self.conv1 = _conv(cfg, c_in, c_out, 3, stride, 1, rngs)
         self.bn1 = _batch_norm(cfg, c_out, rngs)
-        self.conv2 = _conv(c_out, c_out, 3, 1, 1, rngs)
+        self.conv2 = _conv(cfg, c_out, c_out, 3, 1, 1, rngs)
         self.bn2 = _batch_norm(cfg, c_out, rngs)
         # torch's nn.Sequential(conv1x1, bn): entries 0 and 1
         needs_downsample = stride != 1 or c_in != c_out
         self.downsample = (
-            nnx.List([_conv(c_in, c_out, 1, stride, 0, rngs), _batch_norm(cfg, c_out, rngs)])
+            nnx.List([_conv(cfg, c_in, c_out, 1, stride, 0, rngs), _batch_norm(cfg, c_out, rngs)])
             if needs_downsample
             else None
         )
@@ -126,9 +140,9 @@ class ResNet(nnx.Module):
     def __init__(self, cfg: ResNetConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         if cfg.stem == "imagenet":
-            self.conv1 = _conv(cfg.in_channels, cfg.width, 7, 2, 3, rngs)
+            self.conv1 = _conv(cfg, cfg.in_channels, cfg.width, 7, 2, 3, rngs)
         else:
-            self.conv1 = _conv(cfg.in_channels, cfg.width, 3, 1, 1, rngs)
+            self.conv1 = _conv(cfg, cfg.in_channels, cfg.width, 3, 1, 1, rngs)
         self.bn1 = _batch_norm(cfg, cfg.width, rngs)
         c_in = cfg.width
         for i, (blocks, c_out) in enumerate(zip(cfg.layers, cfg.stage_widths(), strict=True), start=1):
@@ -140,7 +154,7 @@ class ResNet(nnx.Module):
             setattr(self, f"layer{i}", nnx.List(stage))
             c_in = c_out
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
-        self.fc = nnx.Linear(c_in, cfg.num_classes, rngs=rngs)
+        self.fc = _linear(cfg, c_in, cfg.num_classes, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(N, H, W, C) -> (N, num_classes) logits."""

@@ -1,0 +1,273 @@
+"""The benchmark: one training step (train-mode forward with BatchNorm and Dropout,
+cross-entropy, backward, SGD with momentum, statistics updated), timed honestly.
+
+Method (nanoGPT's bench.py, stretched over frameworks):
+
+* data is generated on the device once; every implementation runs the same
+  architecture, batch, optimizer (SGD lr 0.1, momentum 0.9) and dtype;
+* ``compile_s`` is the time to the first finished step (tracing, compilation, first run);
+  then 3 untimed warm-up steps;
+* timing is in rounds: each round runs a block of steps (about ``round_seconds`` long)
+  per implementation and synchronises once at its end (``block_until_ready`` on the
+  loss and the new state, ``torch.cuda.synchronize``); implementations are interleaved
+  and the starting one rotates, so machine noise does not favour one; the median and
+  the 10th/90th percentiles are over rounds;
+* ``tflops_per_s`` uses the analytic count of ``compare.flops``; ``mfu`` divides it by the
+  best matmul rate measured on this device in the same run and dtype (``peak_tflops_per_s``);
+* ``peak_mem_bytes``: on CPU the process RSS growth while the implementation was built,
+  compiled and warmed up; on GPU torch's ``max_memory_allocated`` and XLA's
+  ``memory_analysis`` of the compiled step (arguments + outputs + temporaries - aliased).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from compare import bench_jax, bench_torch, flops
+from compare.registry import ModelSpec, get
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """What to run: model -> batch sizes, dtypes, and how long to time."""
+
+    models: dict[str, tuple[int, ...]]
+    dtypes: tuple[str, ...] = ("float32",)
+    rounds: int = 5
+    round_seconds: float = 0.25
+    impls: tuple[str, ...] | None = None  # None: all
+    matmul_n: int = 1024
+    skip: tuple[tuple[str, str], ...] = ()  # (model, impl) pairs left out, with SKIP_REASONS
+
+    def groups(self):
+        return [(m, b, d) for m in self.models for d in self.dtypes for b in self.models[m]]
+
+    def runs(self, model: str, impl: str) -> bool:
+        return (self.impls is None or impl in self.impls) and (model, impl) not in self.skip
+
+
+SKIP_REASONS = {
+    ("cnn", "jax-scan"): "XLA:CPU runs the weight-gradient convolutions inside lax.scan ~15x slower "
+    "(measured 324 vs 21 ms for 256x14x14x32->64): 1.5 s per step; measured with --full only",
+}
+
+
+SWEEPS = {
+    # The default run: the CPU target (batch 256), under 2 minutes on 2 cores.
+    "quick-cpu": Sweep({"mlp": (256,), "cnn": (256,)}, skip=(("cnn", "jax-scan"),)),
+    "full-cpu": Sweep(
+        {"mlp": (32, 128, 256, 1024, 4096), "cnn": (32, 128, 256, 512), "resnet18_cifar": (32, 128)}, rounds=7
+    ),
+    "quick-gpu": Sweep(
+        {"mlp": (256, 4096), "cnn": (256, 1024), "resnet18_cifar": (256, 512)},
+        dtypes=("float32", "bfloat16"),
+        matmul_n=8192,
+    ),
+    "full-gpu": Sweep(
+        {
+            "mlp": (32, 256, 1024, 4096, 16384),
+            "cnn": (32, 256, 1024, 4096),
+            "resnet18_cifar": (128, 256, 512, 1024),
+            "resnet18": (64, 128, 256),
+        },
+        dtypes=("float32", "bfloat16"),
+        rounds=7,
+        matmul_n=8192,
+    ),
+}
+
+
+def all_implementations(device: str) -> dict[str, Callable]:
+    """name -> factory(spec, batch, dtype, device) -> runner."""
+    impls = {}
+    for name, kwargs in bench_torch.implementations(device).items():
+        impls[name] = lambda s, b, d, dev, kw=kwargs: bench_torch.TorchRunner(s, b, d, dev, **kw)
+    for name, (cls, kwargs) in bench_jax.implementations().items():
+        impls[name] = lambda s, b, d, dev, cls=cls, kw=kwargs: cls(s, b, d, dev, **kw)
+    return impls
+
+
+# --- memory ------------------------------------------------------------------------------
+
+
+def _status(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+class _MemoryProbe:
+    def __init__(self, device: str):
+        self.device = device
+
+    def __enter__(self):
+        if self.device == "gpu":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.can_reset = _reset_rss_peak()
+            self.rss_before = _status("VmRSS")
+        return self
+
+    def result(self, runner) -> int | None:
+        if self.device == "gpu":
+            if isinstance(runner, bench_torch.TorchRunner):
+                import torch
+
+                return int(torch.cuda.max_memory_allocated())
+            lowered = runner.lowered() if hasattr(runner, "lowered") else None
+            if lowered is None:
+                return None
+            m = lowered.compile().memory_analysis()
+            if m is None:
+                return None
+            return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+        peak = _status("VmHWM") if self.can_reset else _status("VmRSS")
+        return None if peak is None or self.rss_before is None else max(0, peak - self.rss_before)
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --- timing ------------------------------------------------------------------------------
+
+
+def _run_block(runner, n: int) -> float:
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(n):
+        out = runner.step()
+    runner.sync(out)
+    return time.perf_counter() - t0
+
+
+def bench_group(
+    name: str | ModelSpec,
+    batch: int,
+    dtype: str,
+    device: str,
+    sweep: Sweep,
+    peak: float,
+    progress: Callable | None = None,
+) -> list[dict]:
+    """Build, compile, warm up and time every implementation for one (model, batch, dtype)."""
+    spec = get(name)
+    name = spec.name
+    factories = all_implementations(device)
+    names = [n for n in factories if sweep.runs(name, n)]
+    step_flops = flops.train_step_flops(spec, batch)
+    prepared = {}
+    for impl in names:
+        with _MemoryProbe(device) as probe:
+            t0 = time.perf_counter()
+            runner = factories[impl](spec, batch, dtype, device)
+            runner.sync(runner.step())
+            compile_s = time.perf_counter() - t0
+            for _ in range(3):
+                runner.sync(runner.step())
+            if hasattr(runner, "after_warmup"):
+                runner.after_warmup()
+            mem = probe.result(runner)
+        one = _run_block(runner, 1)
+        n = max(1, min(1000, round(sweep.round_seconds / max(one, 1e-6))))
+        prepared[impl] = (runner, n, compile_s, mem)
+        if progress:
+            progress(f"{name} b{batch} {dtype}: compiled {impl}")
+    times = {impl: [] for impl in names}
+    for r in range(sweep.rounds):
+        for impl in names[r % len(names) :] + names[: r % len(names)]:
+            runner, n, _, _ = prepared[impl]
+            times[impl].append(_run_block(runner, n) / (n * runner.steps_per_call) * 1e3)
+    records = []
+    for impl in names:
+        runner, n, compile_s, mem = prepared[impl]
+        ms = np.array(times[impl])
+        median = float(np.median(ms))
+        tflops = step_flops / (median / 1e3) / 1e12
+        records.append(
+            {
+                "model": name,
+                "impl": impl,
+                "device": device,
+                "dtype": dtype,
+                "batch_size": batch,
+                "step_ms_median": median,
+                "step_ms_p10": float(np.percentile(ms, 10)),
+                "step_ms_p90": float(np.percentile(ms, 90)),
+                "samples_per_s": batch / (median / 1e3),
+                "compile_s": compile_s,
+                "peak_mem_bytes": mem,
+                "tflops_per_s": tflops,
+                "mfu": tflops / peak if peak else None,
+                "peak_tflops_per_s": peak,
+                "flops_per_step": step_flops,
+                "steps_timed": n * runner.steps_per_call * sweep.rounds,
+                **{k: v for k, v in runner.info.items() if v is not None},
+            }
+        )
+    del prepared
+    return records
+
+
+def measure_peaks(dtypes, device: str, n: int) -> dict[str, float]:
+    """The device's achieved matmul TFLOP/s per dtype: the better of torch and JAX."""
+    return {
+        d: max(bench_torch.peak_matmul_tflops(d, device, n), bench_jax.peak_matmul_tflops(d, device, n)) for d in dtypes
+    }
+
+
+def run(sweep: Sweep, device: str, progress: Callable | None = None) -> tuple[list[dict], dict]:
+    """Every group of the sweep; returns (records, settings for the record)."""
+    settings = {**bench_torch.configure(device), **bench_jax.configure(device)}
+    peaks = measure_peaks(sweep.dtypes, device, sweep.matmul_n)
+    settings["peak_matmul_tflops_per_s"] = peaks
+    records = []
+    for name, batch, dtype in sweep.groups():
+        records += bench_group(name, batch, dtype, device, sweep, peaks[dtype], progress)
+    return records, settings
+
+
+def speedups(records: list[dict]) -> list[dict]:
+    """Per (model, dtype, batch): the best JAX and best torch implementation and the ratio
+    of their samples/s."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["model"], r["dtype"], r["batch_size"]), []).append(r)
+    rows = []
+    for (model, dtype, batch), recs in groups.items():
+        jax_best = max((r for r in recs if r["impl"].startswith("jax")), key=lambda r: r["samples_per_s"], default=None)
+        torch_best = max(
+            (r for r in recs if r["impl"].startswith("torch")), key=lambda r: r["samples_per_s"], default=None
+        )
+        if jax_best and torch_best:
+            rows.append(
+                {
+                    "model": model,
+                    "dtype": dtype,
+                    "batch_size": batch,
+                    "best_jax": jax_best["impl"],
+                    "best_torch": torch_best["impl"],
+                    "jax_samples_per_s": jax_best["samples_per_s"],
+                    "torch_samples_per_s": torch_best["samples_per_s"],
+                    "speedup": jax_best["samples_per_s"] / torch_best["samples_per_s"],
+                }
+            )
+    return rows
