@@ -38,7 +38,8 @@ class TorchRunner:
             model.parameters(), lr=0.1, momentum=0.9, fused=fused or None, foreach=None if fused else True
         )
         self.model = model
-        self.forward = torch.compile(model, mode=compile_mode) if compile_mode else model
+        # dynamic=False: one static graph per shape, as XLA compiles one per shape
+        self.forward = torch.compile(model, mode=compile_mode, dynamic=False) if compile_mode else model
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
         )
