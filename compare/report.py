@@ -129,6 +129,66 @@ def _bench_md(results: dict[str, Any], out: Path | None) -> list[str]:
     return lines
 
 
+TRAIN_COLUMNS_MD = (
+    "claim",
+    "model",
+    "framework",
+    "use_bn",
+    "dropout",
+    "lr",
+    "seed",
+    "epochs",
+    "final_train_loss",
+    "final_train_acc",
+    "final_test_loss",
+    "final_test_acc",
+    "steps_to_target",
+    "diverged",
+    "wall_s",
+)
+
+
+def _train_md(results: dict[str, Any], out: Path | None) -> list[str]:
+    summary = results["meta"].get("train_summary", {})
+    records = results["train"]
+    dataset = records[0]["dataset"] if records else "?"
+    lines = [
+        f"## Training comparison on {dataset}: do the classic claims hold, in both frameworks?",
+        "",
+        "| claim | model | framework | holds | numbers |",
+        "|---|---|---|---|---|",
+    ]
+    for c in summary.get("claims", []):
+        lines.append(
+            f"| {c['claim']} | {c['model']} | {c['framework']} | {'yes' if c['holds'] else 'no'} | {c['detail']} |"
+        )
+    lines += [
+        "",
+        "Both frameworks start from the same weights and see the same batches; only the dropout masks differ.",
+        "",
+    ]
+    agreement = summary.get("framework_agreement", [])
+    if agreement:
+        lines += [
+            "Final test accuracy, torch against linen, per run:",
+            "",
+            *_md_table(
+                ("claim", "model", "use_bn", "dropout", "lr", "seed", "torch_test_acc", "linen_test_acc", "acc_diff"),
+                agreement,
+            ),
+            "",
+        ]
+    for png, caption in [
+        ("train_learning_curves.png", "learning curves"),
+        ("train_accuracy_vs_lr.png", "final accuracy against learning rate"),
+        ("train_gap_vs_dropout.png", "generalisation gap against dropout"),
+    ]:
+        if out is not None and (out / png).exists():
+            lines += [f"![{caption}]({png})", ""]
+    lines += ["All runs:", "", *_md_table(TRAIN_COLUMNS_MD, records), ""]
+    return lines
+
+
 def markdown(results: dict[str, Any], out: Path | None = None) -> str:
     meta = results["meta"]
     lines = [
@@ -145,6 +205,8 @@ def markdown(results: dict[str, Any], out: Path | None = None) -> str:
         lines += _equivalence_md(results["equivalence"], out)
     if "bench" in results:
         lines += _bench_md(results, out)
+    if "train" in results:
+        lines += _train_md(results, out)
     if "spec" in results:
         facts = results["spec"]
         passed = sum(r["ok"] is True for r in facts)
@@ -180,6 +242,9 @@ def console(results: dict[str, Any], console: Console | None = None) -> None:
             style = "red" if r.get("ok") is False else ("yellow" if r.get("ok") is None else None)
             table.add_row(*[_fmt(r.get(c)).replace("**", "") for c in columns], style=style)
         console.print(table)
+    for c in results["meta"].get("train_summary", {}).get("claims", []):
+        verdict = "[green]holds[/green]" if c["holds"] else "[yellow]does not hold[/yellow]"
+        console.print(f"{c['claim']} claim, {c['model']} ({c['framework']}): {verdict}: {c['detail']}")
     if "bench" in results:
         from compare.bench import speedups
 

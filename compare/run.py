@@ -25,7 +25,7 @@ from compare import equivalence, plots, registry, report, results
 
 QUICK_MODELS = ["mlp", "cnn", "resnet18", "resnet18_cifar"]
 DEFAULT_SUITES = ["equivalence", "bench"]
-SUITES = ["equivalence", "spec", "bench"]
+SUITES = ["equivalence", "spec", "bench", "train"]
 TRAIN_MODELS = ["mlp", "cnn"]
 
 
@@ -65,7 +65,18 @@ def _bench(args, progress) -> dict:
     return {"bench": records, "meta": {"bench_settings": {**settings, "skipped": skipped}}}
 
 
-RUNNERS = {"equivalence": _equivalence, "spec": _spec, "bench": _bench}
+def _train(args, progress) -> dict:
+    from compare import data, training
+
+    grid = training.GRIDS["full" if args.full else "quick"]
+    dataset = data.load(args.dataset, args.data_dir)
+    progress(None, len(grid.runs()))
+    records = training.run(grid, dataset, progress=lambda what: progress(what, None))
+    summary = {"claims": training.claims(records), "framework_agreement": training.framework_agreement(records)}
+    return {"train": records, "meta": {"train_summary": summary}}
+
+
+RUNNERS = {"equivalence": _equivalence, "spec": _spec, "bench": _bench, "train": _train}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,6 +94,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--device", choices=["auto", "cpu", "gpu"], default="auto", help="auto: gpu when one is visible"
     )
     parser.add_argument("--out", type=Path, help="output folder (default: runs/<timestamp>)")
+    parser.add_argument(
+        "--dataset",
+        default="digits",
+        choices=["digits", "mnist", "fashion_mnist", "cifar10"],
+        help="train suite: digits ships with scikit-learn; the others are read from --data-dir",
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, help="folder with the dataset's files (MNIST/Fashion IDX, CIFAR-10 batches)"
+    )
     args = parser.parse_args(argv)
     suites = args.suite or DEFAULT_SUITES
     args.suites = SUITES if "all" in suites else list(dict.fromkeys(suites))
@@ -128,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     plots.divergence(out.get("equivalence", []), args.out / "train_divergence.png")
     plots.throughput(out.get("bench", []), args.out / "bench_throughput.png")
     plots.compile_vs_steady(out.get("bench", []), args.out / "bench_compile_vs_steady.png")
+    plots.learning_curves(out.get("train", []), args.out / "train_learning_curves.png")
+    plots.accuracy_vs_lr(out.get("train", []), args.out / "train_accuracy_vs_lr.png")
+    plots.gap_vs_dropout(out.get("train", []), args.out / "train_gap_vs_dropout.png")
     results.write(args.out / "results.json", out)
     (args.out / "report.md").write_text(report.markdown(out, args.out))
     report.console(out, console)

@@ -83,9 +83,10 @@ class CNN(nn.Module):
         return nn.Dense(cfg.num_classes, dtype=_dtype(cfg), name="head")(x)
 
 
-def _dtype(cfg) -> jnp.dtype:
-    """Compute dtype of matmuls and convolutions; parameters stay float32."""
-    return jnp.dtype(cfg.compute_dtype)
+def _dtype(cfg) -> jnp.dtype | None:
+    """Compute dtype of matmuls and convolutions (parameters stay float32): bfloat16, or
+    None for "float32", which lets Flax follow the inputs and parameters (float64 too)."""
+    return jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None
 
 
 def _conv(cfg, features: int, kernel: int, stride: int, padding: int, name: str) -> nn.Conv:

@@ -39,9 +39,10 @@ def _batch_norm(cfg, features: int, rngs: nnx.Rngs) -> nnx.Module:
     )
 
 
-def _dtype(cfg) -> jnp.dtype:
-    """Compute dtype of matmuls and convolutions; parameters stay float32."""
-    return jnp.dtype(cfg.compute_dtype)
+def _dtype(cfg) -> jnp.dtype | None:
+    """Compute dtype of matmuls and convolutions (parameters stay float32): bfloat16, or
+    None for "float32", which lets Flax follow the inputs and parameters (float64 too)."""
+    return jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None
 
 
 def _linear(cfg, n_in: int, n_out: int, rngs: nnx.Rngs) -> nnx.Linear:

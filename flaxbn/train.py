@@ -21,7 +21,8 @@ from flax import nnx
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean softmax cross-entropy of (N, K) logits against (N,) integer labels, in float32
     (bfloat16 logits are upcast first, as torch's autocast does for cross_entropy)."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jax.numpy.float32), labels).mean()
+    logits = logits.astype(jax.numpy.promote_types(logits.dtype, jax.numpy.float32))  # bf16 -> f32, f64 stays
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
 @flax.struct.dataclass

@@ -27,6 +27,6 @@ def test_equivalence_suite_writes_an_ok_record_per_model_and_api_and_exits_zero(
 def test_a_failing_check_makes_the_exit_status_non_zero_and_the_report_shows_the_layer(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "QUICK_MODELS", ["mlp"])
     monkeypatch.setitem(equivalence.TOLERANCE, "mlp", 0.0)
-    assert run.main(["--device", "cpu", "--out", str(tmp_path)]) == 1
+    assert run.main(["--suite", "equivalence", "--device", "cpu", "--out", str(tmp_path)]) == 1
     report = (tmp_path / "report.md").read_text()
     assert "**FAIL**" in report and "first divergence at" in report

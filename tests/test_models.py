@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 import torch
+from flax import nnx
 
 import flaxbn.config as fcfg
 import torchbn.config as tcfg
@@ -214,3 +215,24 @@ def test_flax_config_is_the_torch_config_with_momentum_reversed():
 def test_torch_momentum_none_has_no_stock_flax_equivalent_and_says_so():
     with pytest.raises(ValueError, match="cumulative moving average"):
         conventions.flax_config(tcfg.MLPConfig(bn_momentum=None))
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_bfloat16_compute_keeps_float32_parameters_and_batchnorm_statistics(api):
+    spec = registry.get("cnn").replace(in_channels=1, image_size=8, channels=(4, 8), hidden=16)
+    x = jnp.ones((4, 8, 8, 1))
+    if api == "linen":
+        model = spec.build_linen(compute_dtype="bfloat16")
+        variables = model.init(jax.random.key(0), x, train=False)
+        logits, updates = model.apply(
+            variables, x, train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"]
+        )
+        stats, params = updates["batch_stats"], variables["params"]
+    else:
+        model = spec.build_nnx(compute_dtype="bfloat16")
+        logits = model(x)
+        stats, params = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    assert logits.dtype == jnp.bfloat16
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype("float32")}
+    float_stats = [leaf for leaf in jax.tree_util.tree_leaves(stats) if leaf.dtype != jnp.int32]
+    assert {leaf.dtype for leaf in float_stats} == {jnp.dtype("float32")}
