@@ -51,6 +51,18 @@ class Sweep:
         return (self.impls is None or impl in self.impls) and (model, impl) not in self.skip
 
 
+# What profiling found on XLA:CPU (2 cores, jax 0.10.2); report.md repeats it for CPU runs.
+CPU_FINDINGS = (
+    "XLA:CPU's max-pool gradient (select_and_scatter) took 76 of ~190 ms of the cnn step at batch 256; "
+    "flaxbn's 2x2 pool (reshape + max, torch's first-maximum gradient) takes 22 ms and brought the step to ~105 ms.",
+    "The convolutions are ~2x slower in XLA:CPU (Eigen) than in torch's oneDNN: conv 32->64 at 14x14, batch 256: "
+    "forward 9.5 ms, input gradient 9.3 ms, weight gradient 20.8 ms, against ~15 ms for torch's forward + backward. "
+    "The XLA:CPU flags of this jaxlib (onednn custom call / fusion types, xnn and ynn fusion types, xnn graph fusion, "
+    "fast math) changed nothing measurable; an im2col weight gradient was slower (75 ms); NCHW was slower (14.3 ms).",
+    "lax.scan does not help convnets on XLA:CPU: the weight-gradient convolution inside a scan body runs ~15x slower "
+    "(324 vs 21 ms), so jax-scan costs ~1.5 s per cnn step; for the mlp it is the fastest implementation.",
+)
+
 SKIP_REASONS = {
     ("cnn", "jax-scan"): "XLA:CPU runs the weight-gradient convolutions inside lax.scan ~15x slower "
     "(measured 324 vs 21 ms for 256x14x14x32->64): 1.5 s per step; measured with --full only",

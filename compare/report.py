@@ -119,6 +119,11 @@ def _bench_md(results: dict[str, Any], out: Path | None) -> list[str]:
     ]
     for what, why in settings.get("skipped", {}).items():
         lines.append(f"* not run: `{what}`: {why}")
+    if records and records[0]["device"] == "cpu":
+        from compare.bench import CPU_FINDINGS
+
+        lines += ["", "Where JAX loses on CPU, and why (profiled on a 2-core x86_64 machine):", ""]
+        lines += [f"* {finding}" for finding in CPU_FINDINGS]
     lines += ["", *_md_table(BENCH_COLUMNS, records), ""]
     for png, caption in [
         ("bench_throughput.png", "throughput against batch size"),

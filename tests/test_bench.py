@@ -68,6 +68,15 @@ def test_every_implementation_runs_and_gives_complete_positive_finite_records(na
         assert r["peak_mem_bytes"] is None or r["peak_mem_bytes"] >= 0
 
 
+def test_bfloat16_mixed_precision_runs_in_every_implementation():
+    """On GPU the sweep runs bf16 too; here the code path is checked (torch autocast on CPU)."""
+    records = bench.bench_group(
+        TINY["mlp"], 8, "bfloat16", "cpu", bench.Sweep({}, rounds=1, round_seconds=0.01), peak=1.0
+    )
+    assert {r["dtype"] for r in records} == {"bfloat16"}
+    assert all(math.isfinite(r["step_ms_median"]) and r["step_ms_median"] > 0 for r in records)
+
+
 def test_scan_over_k_steps_gives_the_parameters_of_k_jitted_steps():
     """Same keys (the step is folded into the key), same data: measured max diff 0 to 2e-8."""
     k = 4

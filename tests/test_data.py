@@ -112,7 +112,9 @@ def test_a_cifar_pickle_that_would_run_code_is_refused_and_does_not_run(tmp_path
             return (open, (str(marker), "w"))
 
     (tmp_path / "data_batch_3").write_bytes(pickle.dumps({b"data": Payload(), b"labels": []}))
-    with pytest.raises(DataError, match=r"data_batch_3: not a CIFAR-10 python batch \(refusing to load (builtins|io)\.open"):
+    with pytest.raises(
+        DataError, match=r"data_batch_3: not a CIFAR-10 python batch \(refusing to load (builtins|io)\.open"
+    ):
         data.load("cifar10", tmp_path)
     assert not marker.exists()
 
