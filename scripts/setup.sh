@@ -18,8 +18,11 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 
 if .venv/bin/python -c "import torch" 2>/dev/null; then
   echo "setup: using the installed torch $(.venv/bin/python -c 'import torch; print(torch.__version__)')"
-elif "${pip[@]}" --no-index "torch==${TORCH_VERSION}" 2>/dev/null; then
-  echo "setup: installed torch ${TORCH_VERSION} (CPU) from a local wheel"
+elif wheels=$(mktemp -d) && .venv/bin/python -m pip download --quiet --disable-pip-version-check --no-index --no-deps \
+    "torch==${TORCH_VERSION}" -d "$wheels" 2>/dev/null && ls "$wheels"/torch-*.whl >/dev/null 2>&1; then
+  # a local wheel (pip's find-links) is the CPU build: install that file, its dependencies from the index
+  "${pip[@]}" "$wheels"/torch-*.whl
+  echo "setup: installed torch ${TORCH_VERSION} from the local wheel $(basename "$wheels"/torch-*.whl)"
 else
   echo "setup: installing torch ${TORCH_VERSION} CPU build from download.pytorch.org"
   "${pip[@]}" "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu
