@@ -1,0 +1,171 @@
+"""Weight files that cannot run code, written atomically, read with clear errors.
+
+* Flax side: one ``.safetensors`` file holding the flat Flax arrays
+  (``params/fc1/kernel``, ``batch_stats/bn1/mean``, ...) and, in its JSON header
+  metadata, the model name and configuration, so that the file alone rebuilds the model.
+* torch side: ``.safetensors`` (a state_dict) is preferred; legacy ``.pt``/``.pth`` files
+  are read with ``torch.load(..., weights_only=True)`` only, which refuses any pickle that
+  would construct something other than tensors and plain containers. Never a plain
+  unpickle.
+* Safetensors, not orbax: a single file, no code on load, readable by torch and numpy
+  alike, and the same format on both sides of a conversion.
+* Writes are atomic: a temporary file in the destination's folder, flushed and fsynced,
+  then ``os.replace``; a writer killed at any point leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import load_file as load_torch_file
+from safetensors.torch import save_file as save_torch_file
+
+from compare import transfer
+from compare.registry import ModelSpec, get
+
+FORMAT = "bn-dropout-parity/flax-weights/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable or not what was asked for."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yields a temporary path next to ``path``; on success it is fsynced and renamed
+    over ``path`` (atomic on POSIX), on failure removed. The folder is fsynced too."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, expected a file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_readable(path: Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file")
+    return path
+
+
+# --- torch state_dicts ----------------------------------------------------------------------
+
+
+def read_torch_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A torch state_dict from ``.safetensors``, or from ``.pt``/``.pth`` through
+    ``torch.load(weights_only=True)``. A full checkpoint dict with a ``state_dict`` or
+    ``model`` entry is unwrapped."""
+    path = _check_readable(path)
+    if path.suffix == ".safetensors":
+        try:
+            return load_torch_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path}: refused: the pickle wants to build objects other than tensors ({reason})"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({reason})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a state_dict (a mapping of names to tensors)")
+    return dict(obj)
+
+
+def write_torch_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """A state_dict as ``.safetensors`` (or ``.pt`` with ``torch.save``), atomically."""
+    path = Path(path)
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp:
+        if path.suffix == ".safetensors":
+            save_torch_file(tensors, str(tmp))
+        else:
+            torch.save(tensors, tmp)
+
+
+# --- Flax weights -----------------------------------------------------------------------------
+
+
+def write_flax(flat: Mapping[str, Any], spec: ModelSpec | str, path: str | Path) -> None:
+    """Flat Flax arrays (validated against ``spec``) with the model name and configuration."""
+    spec = get(spec)
+    transfer.flat_to_torch(flat, spec)  # validates keys, shapes, dtypes and finiteness
+    metadata = {
+        "format": FORMAT,
+        "model": spec.name,
+        "config": json.dumps(dataclasses.asdict(spec.config)),
+        "config_type": type(spec.config).__name__,
+        "input_shape": json.dumps(list(spec.input_shape)),
+    }
+    arrays = {k: np.array(v, order="C") for k, v in flat.items()}  # (ascontiguousarray makes 0-d arrays 1-d)
+    with atomic_path(Path(path)) as tmp:
+        save_numpy(arrays, str(tmp), metadata=metadata)
+
+
+def read_flax(path: str | Path) -> tuple[dict[str, np.ndarray], ModelSpec]:
+    """(flat Flax arrays, the ModelSpec the file was written for)."""
+    path = _check_readable(path)
+    try:
+        flat = load_numpy(str(path))
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            metadata = json.loads(f.read(header_len)).get("__metadata__", {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: not a Flax weights file of this project (format {metadata.get('format')!r}, expected {FORMAT!r})"
+        )
+    return flat, spec_from_metadata(metadata, path)
+
+
+def spec_from_metadata(metadata: Mapping[str, str], path: Path) -> ModelSpec:
+    import torchbn.config as tcfg
+
+    kinds = {"MLPConfig": tcfg.MLPConfig, "CNNConfig": tcfg.CNNConfig, "ResNetConfig": tcfg.ResNetConfig}
+    try:
+        fields = json.loads(metadata["config"])
+        for key, value in fields.items():
+            if isinstance(value, list):
+                fields[key] = tuple(value)
+        config = kinds[metadata["config_type"]](**fields)
+        return ModelSpec(metadata["model"], config, tuple(json.loads(metadata["input_shape"])))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the model configuration in the header is unreadable ({e})") from None

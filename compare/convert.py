@@ -1,0 +1,71 @@
+"""``python -m compare.convert SRC DST [--model NAME]``: torch weights <-> Flax weights.
+
+* torch -> Flax: SRC is ``.pt``/``.pth`` (read with ``torch.load(weights_only=True)``) or
+  ``.safetensors``; DST is a Flax ``.safetensors`` whose header names the model and its
+  configuration. ``--model`` (a registry name) is required: a state_dict does not say
+  which architecture it is for. Every key and shape is validated against it.
+* Flax -> torch: SRC is such a Flax file (it knows its model; ``--model``, if given,
+  must agree); DST is ``.safetensors`` or ``.pt``.
+
+Examples::
+
+    python -m compare.convert resnet18.pth resnet18_flax.safetensors --model resnet18
+    python -m compare.convert resnet18_flax.safetensors back.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from compare import checkpoint, registry, transfer
+
+
+def _is_flax_file(path: Path) -> bool:
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        checkpoint.read_flax(path)
+        return True
+    except checkpoint.CheckpointError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m compare.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", type=Path)
+    parser.add_argument("dst", type=Path)
+    parser.add_argument("--model", help=f"registry name: {', '.join(registry.NAMES)}")
+    parser.add_argument("--allow-nonfinite", action="store_true", help="keep NaN/Inf values instead of refusing them")
+    args = parser.parse_args(argv)
+    try:
+        if _is_flax_file(args.src):
+            flat, spec = checkpoint.read_flax(args.src)
+            if args.model and args.model != spec.name:
+                raise checkpoint.CheckpointError(f"{args.src}: holds a {spec.name!r}, not a {args.model!r}")
+            sd = transfer.flat_to_torch(flat, spec, allow_nonfinite=args.allow_nonfinite)
+            checkpoint.write_torch_state_dict(sd, args.dst)
+            print(
+                f"converted Flax {spec.name} ({len(flat)} arrays) -> torch state_dict ({len(sd)} tensors): {args.dst}"
+            )
+        else:
+            if not args.model:
+                parser.error("--model is required for a torch source: a state_dict does not name its architecture")
+            spec = registry.get(args.model)
+            sd = checkpoint.read_torch_state_dict(args.src)
+            flat = transfer.torch_to_flat(sd, spec, allow_nonfinite=args.allow_nonfinite)
+            checkpoint.write_flax(flat, spec, args.dst)
+            n_params = sum(1 for k in flat if k.startswith("params/"))
+            print(
+                f"converted torch {spec.name} ({len(sd)} tensors) -> Flax ({n_params} params, "
+                f"{len(flat) - n_params} batch_stats): {args.dst}"
+            )
+    except (checkpoint.CheckpointError, transfer.TransferError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
