@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxbn.batchnorm import LinenBatchNorm, LinenTorchBatchNorm
-from flaxbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig
+from flaxbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig, check_input
 from flaxbn.pooling import max_pool_2x2
 
 # torch's default inits differ (kaiming-uniform); transferred weights make that moot.
@@ -49,6 +49,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """(N, in_features) -> (N, num_classes) logits."""
+        _check(self.cfg, x, train)
         for i, width in enumerate(self.cfg.hidden, start=1):
             x = nn.Dense(width, dtype=_dtype(self.cfg), name=f"fc{i}")(x)
             if self.cfg.use_bn:
@@ -67,6 +68,7 @@ class CNN(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """(N, H, W, C) -> (N, num_classes) logits."""
         cfg = self.cfg
+        _check(cfg, x, train)
         for i, c_out in enumerate(cfg.channels, start=1):
             pad = ((1, 1), (1, 1))  # torch's padding=1, never 'SAME'
             x = nn.Conv(c_out, (3, 3), padding=pad, use_bias=not cfg.use_bn, dtype=_dtype(cfg), name=f"conv{i}")(x)
@@ -81,6 +83,10 @@ class CNN(nn.Module):
             x = _batch_norm(cfg, train, "fc_bn")(x)
         x = nn.Dropout(cfg.dropout, deterministic=not train)(nn.relu(x))
         return nn.Dense(cfg.num_classes, dtype=_dtype(cfg), name="head")(x)
+
+
+def _check(cfg, x: jax.Array, train: bool) -> None:
+    check_input(cfg, tuple(x.shape), jnp.issubdtype(x.dtype, jnp.floating), train)
 
 
 def _dtype(cfg) -> jnp.dtype | None:
@@ -150,6 +156,7 @@ class ResNet(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """(N, H, W, C) -> (N, num_classes) logits."""
         cfg = self.cfg
+        _check(cfg, x, train)
         if cfg.stem == "imagenet":
             x = _conv(cfg, cfg.width, 7, 2, 3, "conv1")(x)
         else:

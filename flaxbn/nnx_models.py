@@ -22,8 +22,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxbn.batchnorm import NnxBatchNorm, NnxTorchBatchNorm
-from flaxbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig
+from flaxbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig, check_input
 from flaxbn.pooling import max_pool_2x2
+
+
+def _check(model: nnx.Module, x: jax.Array, bn: nnx.Module | None) -> None:
+    """Training is when the first BatchNorm (if any) uses batch statistics."""
+    train = bn is not None and not bn.use_running_average
+    check_input(model.cfg, tuple(x.shape), jnp.issubdtype(x.dtype, jnp.floating), train)
 
 
 def _batch_norm(cfg, features: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -72,6 +78,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(N, in_features) -> (N, num_classes) logits."""
+        _check(self, x, getattr(self, "bn1", None))
         for i in range(1, len(self.cfg.hidden) + 1):
             x = getattr(self, f"fc{i}")(x)
             if self.cfg.use_bn:
@@ -102,6 +109,7 @@ class CNN(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(N, H, W, C) -> (N, num_classes) logits."""
+        _check(self, x, getattr(self, "bn1", None))
         for i in range(1, len(self.cfg.channels) + 1):
             x = getattr(self, f"conv{i}")(x)
             if self.cfg.use_bn:
@@ -159,6 +167,7 @@ class ResNet(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(N, H, W, C) -> (N, num_classes) logits."""
+        _check(self, x, self.bn1)
         x = nnx.relu(self.bn1(self.conv1(x)))
         if self.cfg.stem == "imagenet":
             # max_pool pads with -inf, as torch's MaxPool2d does

@@ -131,3 +131,46 @@ class ResNetConfig:
 
 
 ModelConfig = MLPConfig | CNNConfig | ResNetConfig
+
+
+def input_problems(cfg, shape: tuple[int, ...], is_float: bool, train: bool, layout: str = "NCHW") -> list[str]:
+    """Everything wrong with a model input of ``shape`` for ``cfg`` (empty when it fits).
+
+    Images are ``layout`` ("NCHW" for torch, "NHWC" for Flax); a training batch needs two
+    samples for BatchNorm's batch statistics.
+    """
+    problems = []
+    if not is_float:
+        problems.append("dtype: expected a floating-point input")
+    if isinstance(cfg, MLPConfig):
+        if len(shape) != 2 or shape[1] != cfg.in_features:
+            problems.append(f"shape {tuple(shape)}: expected (N, {cfg.in_features})")
+    else:
+        c_axis = 1 if layout == "NCHW" else 3
+        want = "(N, C, H, W)" if layout == "NCHW" else "(N, H, W, C)"
+        if len(shape) != 4:
+            problems.append(f"shape {tuple(shape)}: expected rank 4, {want}")
+        else:
+            h, w = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])
+            if shape[c_axis] != cfg.in_channels:
+                problems.append(f"shape {tuple(shape)}: expected {cfg.in_channels} channels on axis {c_axis} ({want})")
+            if isinstance(cfg, CNNConfig) and (h, w) != (cfg.image_size, cfg.image_size):
+                problems.append(f"shape {tuple(shape)}: expected {cfg.image_size}x{cfg.image_size} images, got {h}x{w}")
+            if isinstance(cfg, ResNetConfig):
+                smallest = 2 ** (len(cfg.layers) - 1 + (2 if cfg.stem == "imagenet" else 0))
+                if min(h, w) < smallest:
+                    problems.append(
+                        f"shape {tuple(shape)}: images must be at least {smallest}x{smallest} for this ResNet"
+                    )
+    if shape and shape[0] == 0:
+        problems.append("empty batch: expected N >= 1")
+    elif shape and shape[0] == 1 and train and getattr(cfg, "use_bn", True):
+        problems.append("a batch of one in training: BatchNorm needs N >= 2 to compute batch statistics")
+    return problems
+
+
+def check_input(cfg, shape: tuple[int, ...], is_float: bool, train: bool, layout: str = "NCHW") -> None:
+    """Raises one ValueError listing every problem of :func:`input_problems`."""
+    problems = input_problems(cfg, shape, is_float, train, layout)
+    if problems:
+        raise ValueError(f"invalid input for {type(cfg).__name__}: " + "; ".join(problems))

@@ -15,7 +15,11 @@ import itertools
 import torch
 from torch import nn
 
-from torchbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig
+from torchbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig, check_input
+
+
+def _check(model: nn.Module, x: torch.Tensor) -> None:
+    check_input(model.cfg, tuple(x.shape), x.is_floating_point(), model.training)
 
 
 def _bn(kind: type[nn.modules.batchnorm._BatchNorm], features: int, cfg) -> nn.Module:
@@ -37,6 +41,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in_features) -> (N, num_classes) logits."""
+        _check(self, x)
         for i in range(1, len(self.cfg.hidden) + 1):
             x = getattr(self, f"fc{i}")(x)
             x = getattr(self, f"bn{i}")(x)
@@ -70,6 +75,7 @@ class CNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, num_classes) logits."""
+        _check(self, x)
         for i in range(1, len(self.cfg.channels) + 1):
             x = torch.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
             x = getattr(self, f"drop{i}")(nn.functional.max_pool2d(x, 2))
@@ -132,6 +138,7 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, num_classes) logits."""
+        _check(self, x)
         x = torch.relu(self.bn1(self.conv1(x)))
         if self.cfg.stem == "imagenet":
             x = nn.functional.max_pool2d(x, 3, stride=2, padding=1)
