@@ -1,0 +1,196 @@
+"""Full training-state checkpoints, torch and Flax, for exact resume.
+
+One ``.safetensors`` file per checkpoint (written atomically, see ``compare.checkpoint``):
+the tensors under named prefixes and, in the JSON header, everything else. A checkpoint
+alone rebuilds the model (name and configuration are in the header).
+
+* torch: ``model/<state_dict key>`` (BatchNorm buffers and ``num_batches_tracked``
+  included), ``optim/<param index>/<name>`` (momentum buffers, Adam moments), the global
+  CPU generator as ``rng/torch`` (dropout masks continue where they stopped); the header
+  has the optimizer class, its param_groups and the step.
+* linen: the ``LinenState`` pytree (params, batch_stats, opt_state, step) flattened by
+  tree path under ``state/``, and the dropout key's raw data under ``rng/key`` (the
+  per-step key is ``fold_in(key, step)``, so restoring both resumes the masks).
+* nnx: ``nnx.state((model, optimizer))`` flattened by path: parameters, BatchStats, the
+  optimizer state and each Dropout's RNG stream (key data and count).
+
+Loading validates every key, shape and dtype against a freshly built template before
+anything is replaced: a checkpoint of another architecture or optimizer is refused with
+the list of differences, and nothing is half-restored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+from safetensors import SafetensorError
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
+
+import flaxbn.train as ftrain
+from compare.checkpoint import CheckpointError, _check_readable, atomic_path, spec_from_metadata
+from compare.registry import ModelSpec
+
+FORMAT = "bn-dropout-parity/train-state/1"
+
+
+def _header(spec: ModelSpec, kind: str, **extra) -> dict[str, str]:
+    return {
+        "format": FORMAT,
+        "kind": kind,
+        "model": spec.name,
+        "config": json.dumps(dataclasses.asdict(spec.config)),
+        "config_type": type(spec.config).__name__,
+        "input_shape": json.dumps(list(spec.input_shape)),
+        **{k: json.dumps(v) for k, v in extra.items()},
+    }
+
+
+def _write(path: Path, arrays: dict[str, np.ndarray], header: dict[str, str]) -> None:
+    arrays = {k: np.array(v, order="C") for k, v in arrays.items()}
+    with atomic_path(Path(path)) as tmp:
+        save_numpy(arrays, str(tmp), metadata=header)
+
+
+def _read(path: Path, kind: str) -> tuple[dict[str, np.ndarray], dict[str, str], ModelSpec]:
+    path = _check_readable(path)
+    try:
+        arrays = load_numpy(str(path))
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little"))).get("__metadata__", {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+    if header.get("format") != FORMAT or header.get("kind") != kind:
+        raise CheckpointError(
+            f"{path}: not a {kind} training checkpoint (format {header.get('format')!r}, kind {header.get('kind')!r})"
+        )
+    return arrays, header, spec_from_metadata(header, path)
+
+
+def _compare(path: Path, got: dict[str, np.ndarray], want: dict[str, Any]) -> None:
+    problems = [f"missing '{k}'" for k in want if k not in got]
+    problems += [f"unexpected '{k}'" for k in got if k not in want]
+    for k in want:
+        if k in got:
+            w = np.asarray(want[k])
+            if got[k].shape != w.shape or got[k].dtype != w.dtype:
+                problems.append(f"'{k}': expected {w.dtype}{list(w.shape)}, found {got[k].dtype}{list(got[k].shape)}")
+    if problems:
+        raise CheckpointError(f"{path}: does not fit the model and optimizer: " + "; ".join(problems))
+
+
+# --- torch ---------------------------------------------------------------------------------
+
+
+def save_torch(
+    path: str | Path, spec: ModelSpec, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int
+) -> None:
+    opt = optimizer.state_dict()
+    arrays = {f"model/{k}": v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    scalars = {}
+    for idx, entry in opt["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                arrays[f"optim/{idx}/{name}"] = value.detach().cpu().numpy()
+            else:
+                scalars[f"{idx}/{name}"] = value
+    arrays["rng/torch"] = torch.get_rng_state().numpy()
+    header = _header(
+        spec,
+        "torch",
+        step=step,
+        optimizer=type(optimizer).__name__,
+        param_groups=opt["param_groups"],
+        optim_scalars=scalars,
+    )
+    _write(path, arrays, header)
+
+
+def load_torch(path: str | Path) -> tuple[ModelSpec, torch.nn.Module, torch.optim.Optimizer, int]:
+    """(spec, model, optimizer, step); the global torch generator is restored too."""
+    arrays, header, spec = _read(Path(path), "torch")
+    model = spec.build_torch()
+    groups = json.loads(header["param_groups"])
+    hyper = {k: v for k, v in groups[0].items() if k != "params"}
+    optimizer = getattr(torch.optim, json.loads(header["optimizer"]))(model.parameters(), **hyper)
+    want = {f"model/{k}": v.numpy() for k, v in model.state_dict().items()}
+    got_model = {k: v for k, v in arrays.items() if k.startswith("model/")}
+    _compare(Path(path), got_model, want)
+    state: dict[int, dict] = {}
+    for key, value in arrays.items():
+        if key.startswith("optim/"):
+            _, idx, name = key.split("/", 2)
+            state.setdefault(int(idx), {})[name] = torch.from_numpy(value)
+    for key, value in json.loads(header["optim_scalars"]).items():
+        idx, name = key.split("/", 1)
+        state.setdefault(int(idx), {})[name] = value
+    model.load_state_dict({k[len("model/") :]: torch.from_numpy(v) for k, v in got_model.items()}, strict=True)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    torch.set_rng_state(torch.from_numpy(arrays["rng/torch"]))
+    return spec, model, optimizer, json.loads(header["step"])
+
+
+# --- linen -----------------------------------------------------------------------------------
+
+
+def _flat_tree(tree: Any, prefix: str) -> dict[str, np.ndarray]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {prefix + jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def save_linen(path: str | Path, spec: ModelSpec, state: ftrain.LinenState, key: jax.Array) -> None:
+    arrays = _flat_tree(state, "state")
+    arrays["rng/key"] = np.asarray(jax.random.key_data(key))
+    _write(path, arrays, _header(spec, "linen", key_impl=str(jax.random.key_impl(key))))
+
+
+def load_linen(path: str | Path, template: ftrain.LinenState) -> tuple[ModelSpec, ftrain.LinenState, jax.Array]:
+    """(spec, state, dropout key); ``template`` gives the pytree structure (for example
+    ``linen_init_state(model.init(...), tx)`` with the same optimizer)."""
+    arrays, header, spec = _read(Path(path), "linen")
+    want = _flat_tree(template, "state")
+    _compare(Path(path), {k: v for k, v in arrays.items() if k.startswith("state")}, want)
+    leaves = [jnp.asarray(arrays[k]) for k in want]  # flatten order == _flat_tree order
+    state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
+    key = jax.random.wrap_key_data(jnp.asarray(arrays["rng/key"]), impl=json.loads(header["key_impl"]))
+    return spec, state, key
+
+
+# --- nnx --------------------------------------------------------------------------------------
+
+
+def _nnx_flat(model: nnx.Module, optimizer: nnx.Optimizer) -> dict[str, tuple[tuple, nnx.Variable]]:
+    return {"/".join(map(str, path)): (path, var) for path, var in nnx.to_flat_state(nnx.state((model, optimizer)))}
+
+
+def _nnx_value(var: nnx.Variable) -> np.ndarray:
+    value = var.get_value()
+    return np.asarray(jax.random.key_data(value)) if isinstance(var, nnx.RngKey) else np.asarray(value)
+
+
+def save_nnx(path: str | Path, spec: ModelSpec, model: nnx.Module, optimizer: nnx.Optimizer) -> None:
+    arrays = {k: _nnx_value(var) for k, (_, var) in _nnx_flat(model, optimizer).items()}
+    _write(path, arrays, _header(spec, "nnx"))
+
+
+def load_nnx(path: str | Path, model: nnx.Module, optimizer: nnx.Optimizer) -> ModelSpec:
+    """Restore into ``model`` and ``optimizer`` (built like the saved ones) in place."""
+    arrays, _, spec = _read(Path(path), "nnx")
+    current = _nnx_flat(model, optimizer)
+    _compare(Path(path), arrays, {k: _nnx_value(var) for k, (_, var) in current.items()})
+    updates = []
+    for k, (p, var) in current.items():
+        value = jnp.asarray(arrays[k])
+        if isinstance(var, nnx.RngKey):
+            value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(var.get_value()))
+        updates.append((p, var.replace(value)))
+    nnx.update((model, optimizer), nnx.from_flat_state(updates))
+    return spec
