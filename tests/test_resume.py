@@ -84,3 +84,16 @@ def test_a_weights_file_is_not_mistaken_for_a_training_checkpoint(tmp_path):
     )
     with pytest.raises(CheckpointError, match="not a torch training checkpoint"):
         train_state.load_torch(tmp_path / "w.safetensors")
+
+
+@pytest.mark.parametrize("framework", ["torch", "linen", "nnx"])
+def test_the_same_seed_gives_a_bit_identical_run_twice_in_a_row(tmp_path, framework):
+    sys.path.insert(0, str(Path(WORKER).parent))
+    import resume_worker
+
+    run = {"torch": resume_worker.run_torch, "linen": resume_worker.run_linen, "nnx": resume_worker.run_nnx}[framework]
+    run(4, str(tmp_path / "a.safetensors"), None)
+    run(4, str(tmp_path / "b.safetensors"), None)
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
