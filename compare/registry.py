@@ -32,10 +32,10 @@ class ModelSpec:
     def flax_config(self):
         return conventions.flax_config(self.config)
 
-    def flax_config_with(self, bn_semantics: str = "flax", compute_dtype: str = "float32"):
-        """The Flax twin with the chosen BatchNorm semantics ('flax' or 'torch') and compute
-        dtype ('float32' or 'bfloat16')."""
-        return conventions.flax_config(self.config, bn_semantics, compute_dtype)
+    def flax_config_with(self, bn_semantics: str = "flax", compute_dtype: str = "float32", **fields):
+        """The Flax twin with the chosen BatchNorm semantics ('flax' or 'torch'), compute
+        dtype ('float32' or 'bfloat16') and other Flax-only fields (``bn_axis_name``)."""
+        return dataclasses.replace(conventions.flax_config(self.config, bn_semantics, compute_dtype), **fields)
 
     @property
     def flax_input_shape(self) -> tuple[int, ...]:
@@ -53,14 +53,14 @@ class ModelSpec:
     def build_torch(self) -> tnn.Module:
         return torchbn.build(self.config)
 
-    def build_linen(self, bn_semantics: str = "flax", compute_dtype: str = "float32") -> nn.Module:
-        return linen_models.build(self.flax_config_with(bn_semantics, compute_dtype))
+    def build_linen(self, bn_semantics: str = "flax", compute_dtype: str = "float32", **fields) -> nn.Module:
+        return linen_models.build(self.flax_config_with(bn_semantics, compute_dtype, **fields))
 
     def build_nnx(
-        self, rngs: nnx.Rngs | None = None, bn_semantics: str = "flax", compute_dtype: str = "float32"
+        self, rngs: nnx.Rngs | None = None, bn_semantics: str = "flax", compute_dtype: str = "float32", **fields
     ) -> nnx.Module:
         rngs = rngs if rngs is not None else nnx.Rngs(0)
-        return nnx_models.build(self.flax_config_with(bn_semantics, compute_dtype), rngs=rngs)
+        return nnx_models.build(self.flax_config_with(bn_semantics, compute_dtype, **fields), rngs=rngs)
 
 
 def _input_shape(cfg: ModelConfig, old: tuple[int, ...]) -> tuple[int, ...]:

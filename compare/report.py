@@ -212,6 +212,16 @@ def markdown(results: dict[str, Any], out: Path | None = None) -> str:
         lines += _bench_md(results, out)
     if "train" in results:
         lines += _train_md(results, out)
+    if "distributed" in results:
+        lines += [
+            "## Data parallelism: BatchNorm statistics across devices (correctness, CPU-simulated devices)",
+            "",
+            *_md_table(
+                ("framework", "devices", "bn_mode", "check", "max_abs_diff", "tol", "ok", "detail"),
+                results["distributed"],
+            ),
+            "",
+        ]
     if "spec" in results:
         facts = results["spec"]
         passed = sum(r["ok"] is True for r in facts)

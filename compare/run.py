@@ -25,7 +25,7 @@ from compare import equivalence, plots, registry, report, results
 
 QUICK_MODELS = ["mlp", "cnn", "resnet18", "resnet18_cifar"]
 DEFAULT_SUITES = ["equivalence", "bench"]
-SUITES = ["equivalence", "spec", "bench", "train"]
+SUITES = ["equivalence", "spec", "bench", "train", "distributed"]
 TRAIN_MODELS = ["mlp", "cnn"]
 
 
@@ -76,7 +76,23 @@ def _train(args, progress) -> dict:
     return {"train": records, "meta": {"train_summary": summary}}
 
 
-RUNNERS = {"equivalence": _equivalence, "spec": _spec, "bench": _bench, "train": _train}
+def _distributed(args, progress) -> dict:
+    """JAX on 2, 4 and 8 simulated CPU devices (a subprocess), torch DDP on 2 processes.
+    Correctness only: throughput scaling needs a real multi-GPU machine."""
+    import tempfile
+
+    from compare import distributed_jax, distributed_torch
+
+    progress(None, 2)
+    records = distributed_jax.run_in_subprocess((2, 4, 8))
+    progress("jax on 2, 4 and 8 devices", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        records += distributed_torch.checks(tmp)
+    progress("torch DDP on 2 processes", None)
+    return {"distributed": records}
+
+
+RUNNERS = {"equivalence": _equivalence, "spec": _spec, "bench": _bench, "train": _train, "distributed": _distributed}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -8,6 +8,9 @@ Momentum follows Flax: ``running = momentum * running + (1 - momentum) * batch``
 ``bn_semantics`` picks the BatchNorm (``flaxbn/batchnorm.py``): ``"flax"`` (default) is
 stock Flax statistics (biased running variance); ``"torch"`` reproduces torch's
 (unbiased running variance, and ``bn_momentum=None`` for the cumulative average).
+``bn_axis_name`` is for data parallelism: None keeps per-device batch statistics (each
+device normalises with its own shard's), a mesh axis name (inside ``shard_map``)
+synchronises them over that axis, which equals BatchNorm over the global batch.
 ``compute_dtype="bfloat16"`` is mixed precision: bfloat16 matmuls and convolutions,
 float32 parameters and float32 BatchNorm statistics (torch's autocast, in Flax terms).
 """
@@ -31,6 +34,9 @@ def _common_problems(cfg) -> list[str]:
         p = getattr(cfg, field, 0.0)
         if not (isinstance(p, (int, float)) and 0.0 <= p <= 1.0):
             problems.append(f"{field} must be in [0, 1], got {p!r}")
+    axis = getattr(cfg, "bn_axis_name", None)
+    if axis is not None and (not isinstance(axis, str) or cfg.bn_semantics != "flax"):
+        problems.append(f"bn_axis_name must be a mesh axis name (str) with bn_semantics='flax', got {axis!r}")
     if cfg.compute_dtype not in ("float32", "bfloat16"):
         problems.append(f"compute_dtype must be 'float32' or 'bfloat16', got {cfg.compute_dtype!r}")
     if cfg.bn_semantics not in ("flax", "torch"):
@@ -64,6 +70,7 @@ class MLPConfig:
     bn_eps: float = 1e-5
     bn_semantics: Literal["flax", "torch"] = "flax"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    bn_axis_name: str | None = None
     use_bn: bool = True
 
     def __post_init__(self):
@@ -92,6 +99,7 @@ class CNNConfig:
     bn_eps: float = 1e-5
     bn_semantics: Literal["flax", "torch"] = "flax"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    bn_axis_name: str | None = None
     use_bn: bool = True
 
     def __post_init__(self):
@@ -132,6 +140,7 @@ class ResNetConfig:
     bn_eps: float = 1e-5
     bn_semantics: Literal["flax", "torch"] = "flax"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    bn_axis_name: str | None = None
     zero_init_residual: bool = False
 
     def __post_init__(self):

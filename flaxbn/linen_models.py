@@ -37,6 +37,8 @@ def _batch_norm(cfg, train: bool, name: str) -> nn.Module:
         momentum=cfg.bn_momentum,
         epsilon=cfg.bn_eps,
         use_fast_variance=False,  # two-pass variance, as torch computes it
+        axis_name=cfg.bn_axis_name,  # None: per-device statistics
+        dtype=_dtype(cfg),  # statistics stay float32 (force_float32_reductions)
         name=name,
     )
 

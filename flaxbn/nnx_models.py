@@ -40,6 +40,7 @@ def _batch_norm(cfg, features: int, rngs: nnx.Rngs) -> nnx.Module:
         momentum=cfg.bn_momentum,
         epsilon=cfg.bn_eps,
         use_fast_variance=False,  # two-pass variance, as torch computes it
+        axis_name=cfg.bn_axis_name,  # None: per-device statistics
         dtype=_dtype(cfg),  # statistics stay float32
         rngs=rngs,
     )
