@@ -118,6 +118,34 @@ def dp_train(spec: ModelSpec, variables: dict, tx, batches, devices: int, bn_mod
     return state
 
 
+def nnx_dp_train(model: nnx.Module, optimizer: nnx.Optimizer, batches, devices: int) -> None:
+    """Data-parallel nnx training in place (model built with ``bn_axis_name="data"`` for
+    synchronised statistics): split once, ``shard_map`` over the pure state with
+    ``nnx.merge`` inside. Each device folds its index into every dropout stream's key for
+    the step, so the masks differ between devices; the streams' counts advance as usual."""
+    graphdef, state = nnx.split((model, optimizer))
+
+    def local(state, x, y):
+        model, optimizer = nnx.merge(graphdef, state)
+        keys = nnx.state(model, nnx.RngKey)
+        device_keys = jax.tree_util.tree_map(lambda k: jax.random.fold_in(k, jax.lax.axis_index(AXIS)), keys)
+        nnx.update(model, device_keys)
+        (loss, _), grads = ftrain.nnx_loss_and_grads(model, x, y)
+        grads = jax.lax.pmean(grads, AXIS)
+        optimizer.update(model, grads)
+        nnx.update(model, keys)  # the shared stream keys back; their counts have advanced
+        return nnx.state((model, optimizer)), jax.lax.pmean(loss, AXIS)
+
+    step = jax.jit(
+        jax.shard_map(
+            local, mesh=mesh(devices), in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(), P()), check_vma=False
+        )
+    )
+    for x, y in batches:
+        state, _ = step(state, x, y)
+    nnx.update((model, optimizer), state)
+
+
 def single_device_train(spec: ModelSpec, variables: dict, tx, batches, key=None):
     """The reference: the same steps on one device with the global batch."""
     model = spec.build_linen()
@@ -261,6 +289,20 @@ def checks(devices: int, models=("mlp", "cnn")) -> list[dict]:
         records.append(
             _record("linen", devices, "sync", f"{name}: 5 data-parallel steps == one device", diff, TOL["train"])
         )
+        dp_model = _linen_into_nnx_with(spec, variables, bn_axis_name=AXIS)
+        one_model = _linen_into_nnx_with(spec, variables, bn_axis_name=None)
+        dp_opt, one_opt = nnx.Optimizer(dp_model, tx, wrt=nnx.Param), nnx.Optimizer(one_model, tx, wrt=nnx.Param)
+        nnx_dp_train(dp_model, dp_opt, batches, devices)
+        one_step = nnx.jit(ftrain.nnx_train_step)
+        for bx, by in batches:
+            one_step(one_model, one_opt, bx, by)
+        diff = tree_max_abs_diff(
+            nnx.to_pure_dict(nnx.state(dp_model, (nnx.Param, nnx.BatchStat))),
+            nnx.to_pure_dict(nnx.state(one_model, (nnx.Param, nnx.BatchStat))),
+        )
+        records.append(
+            _record("nnx", devices, "sync", f"{name}: 5 data-parallel steps == one device", diff, TOL["train"])
+        )
     # every device draws its own dropout masks
     spec, variables, x, y = _setup("mlp", 8 * devices, dropout=0.5)
     same_x = jnp.tile(x[:8], (devices, 1))  # the same samples on every device
@@ -323,6 +365,15 @@ def _linen_into_nnx(spec: ModelSpec, variables: dict) -> nnx.Module:
     from compare import transfer
 
     return transfer.linen_to_nnx(variables, spec)
+
+
+def _linen_into_nnx_with(spec: ModelSpec, variables: dict, **fields) -> nnx.Module:
+    from compare import transfer
+
+    model = spec.build_nnx(nnx.Rngs(params=0, dropout=1), **fields)
+    transfer.linen_to_nnx(variables, spec, model)
+    model.train()
+    return model
 
 
 if __name__ == "__main__":
