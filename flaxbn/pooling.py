@@ -28,17 +28,13 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
 def _forward(x):
     win = _windows(x)
-    y = jnp.max(win, axis=(2, 4))
-    # one-hot of the first maximum per window in row-major order (torch's rule; NaN wins)
-    is_max = (win == y[:, :, None, :, None, :]) | jnp.isnan(win)
-    m = [is_max[:, :, dh, :, dw, :] for dh in (0, 1) for dw in (0, 1)]  # 4 x (N, H/2, W/2, C)
-    taken = m[0]
-    first = [m[0]]
-    for mk in m[1:]:
-        first.append(mk & ~taken)
-        taken = taken | mk
+    corners = [win[:, :, dh, :, dw, :] for dh in (0, 1) for dw in (0, 1)]  # 4 x (N, H/2, W/2, C), row-major
+    # The first maximum by argmax, not by comparing with the max: under jit XLA may
+    # recompute the inputs in another fusion, and an equality test can then miss by an ulp.
+    index = jnp.argmax(jnp.stack(corners, axis=-1), axis=-1)  # argmax: first occurrence; NaN counts as maximal
+    first = [index == k for k in range(4)]
     rows = [jnp.stack(first[0:2], axis=3), jnp.stack(first[2:4], axis=3)]  # (N, H/2, W/2, dw, C)
-    return y, jnp.stack(rows, axis=2)  # (N, H/2, dh, W/2, dw, C)
+    return jnp.max(win, axis=(2, 4)), jnp.stack(rows, axis=2)  # mask: (N, H/2, dh, W/2, dw, C)
 
 
 def _backward(first, g):
