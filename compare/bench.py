@@ -54,7 +54,7 @@ class Sweep:
 # What profiling found on XLA:CPU (2 cores, jax 0.10.2); report.md repeats it for CPU runs.
 CPU_FINDINGS = (
     "XLA:CPU's max-pool gradient (select_and_scatter) took 76 of ~190 ms of the cnn step at batch 256; "
-    "flaxbn's 2x2 pool (reshape + max, torch's first-maximum gradient) takes 22 ms and brought the step to ~105 ms.",
+    "flaxbn's 2x2 pool (reshape + max, torch's first-maximum gradient) takes 8 ms and brought the step to ~100 ms.",
     "The convolutions are ~2x slower in XLA:CPU (Eigen) than in torch's oneDNN: conv 32->64 at 14x14, batch 256: "
     "forward 9.5 ms, input gradient 9.3 ms, weight gradient 20.8 ms, against ~15 ms for torch's forward + backward. "
     "The XLA:CPU flags of this jaxlib (onednn custom call / fusion types, xnn and ynn fusion types, xnn graph fusion, "
