@@ -126,37 +126,65 @@ def write_torch_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | P
 # --- Flax weights -----------------------------------------------------------------------------
 
 
-def write_flax(flat: Mapping[str, Any], spec: ModelSpec | str, path: str | Path) -> None:
-    """Flat Flax arrays (validated against ``spec``) with the model name and configuration."""
-    spec = get(spec)
-    transfer.flat_to_torch(flat, spec)  # validates keys, shapes, dtypes and finiteness
-    metadata = {
-        "format": FORMAT,
+def spec_metadata(spec: ModelSpec) -> dict[str, str]:
+    """The header entries that let a file rebuild its model (see :func:`spec_from_metadata`)."""
+    return {
         "model": spec.name,
         "config": json.dumps(dataclasses.asdict(spec.config)),
         "config_type": type(spec.config).__name__,
         "input_shape": json.dumps(list(spec.input_shape)),
     }
-    arrays = {k: np.array(v, order="C") for k, v in flat.items()}  # (ascontiguousarray makes 0-d arrays 1-d)
+
+
+def write_arrays(path: str | Path, arrays: Mapping[str, Any], metadata: Mapping[str, str]) -> None:
+    """numpy arrays and a string header as one safetensors file, atomically."""
+    arrays = {k: np.array(v, order="C") for k, v in arrays.items()}  # (ascontiguousarray makes 0-d arrays 1-d)
     with atomic_path(Path(path)) as tmp:
-        save_numpy(arrays, str(tmp), metadata=metadata)
+        save_numpy(arrays, str(tmp), metadata=dict(metadata))
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string header of a safetensors file, without reading its tensors."""
+    path = _check_readable(path)
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read(int.from_bytes(f.read(8), "little"))).get("__metadata__", {})
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+
+
+def read_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(numpy arrays, string header) of a safetensors file."""
+    metadata = read_metadata(path)
+    try:
+        return load_numpy(str(path)), metadata
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+
+
+def write_flax(flat: Mapping[str, Any], spec: ModelSpec | str, path: str | Path) -> None:
+    """Flat Flax arrays (validated against ``spec``) with the model name and configuration."""
+    spec = get(spec)
+    transfer.flat_to_torch(flat, spec)  # validates keys, shapes, dtypes and finiteness
+    write_arrays(path, flat, {"format": FORMAT, **spec_metadata(spec)})
+
+
+def is_flax_file(path: str | Path) -> bool:
+    """Whether ``path`` is a Flax weights file of this project (reads the header only)."""
+    try:
+        return read_metadata(path).get("format") == FORMAT
+    except CheckpointError:
+        return False
 
 
 def read_flax(path: str | Path) -> tuple[dict[str, np.ndarray], ModelSpec]:
     """(flat Flax arrays, the ModelSpec the file was written for)."""
-    path = _check_readable(path)
-    try:
-        flat = load_numpy(str(path))
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            metadata = json.loads(f.read(header_len)).get("__metadata__", {})
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+    flat, metadata = read_arrays(path)
     if metadata.get("format") != FORMAT:
         raise CheckpointError(
             f"{path}: not a Flax weights file of this project (format {metadata.get('format')!r}, expected {FORMAT!r})"
         )
-    return flat, spec_from_metadata(metadata, path)
+    return flat, spec_from_metadata(metadata, Path(path))
 
 
 def spec_from_metadata(metadata: Mapping[str, str], path: Path) -> ModelSpec:

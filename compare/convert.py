@@ -22,16 +22,6 @@ from pathlib import Path
 from compare import checkpoint, registry, transfer
 
 
-def _is_flax_file(path: Path) -> bool:
-    if path.suffix != ".safetensors" or not path.is_file():
-        return False
-    try:
-        checkpoint.read_flax(path)
-        return True
-    except checkpoint.CheckpointError:
-        return False
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m compare.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", type=Path)
@@ -40,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-nonfinite", action="store_true", help="keep NaN/Inf values instead of refusing them")
     args = parser.parse_args(argv)
     try:
-        if _is_flax_file(args.src):
+        if args.src.suffix == ".safetensors" and checkpoint.is_flax_file(args.src):
             flat, spec = checkpoint.read_flax(args.src)
             if args.model and args.model != spec.name:
                 raise checkpoint.CheckpointError(f"{args.src}: holds a {spec.name!r}, not a {args.model!r}")

@@ -21,7 +21,6 @@ the list of differences, and nothing is half-restored.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -31,43 +30,20 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
-from safetensors import SafetensorError
-from safetensors.numpy import load_file as load_numpy
-from safetensors.numpy import save_file as save_numpy
 
 import flaxbn.train as ftrain
-from compare.checkpoint import CheckpointError, _check_readable, atomic_path, spec_from_metadata
+from compare.checkpoint import CheckpointError, read_arrays, spec_from_metadata, spec_metadata, write_arrays
 from compare.registry import ModelSpec
 
 FORMAT = "bn-dropout-parity/train-state/1"
 
 
 def _header(spec: ModelSpec, kind: str, **extra) -> dict[str, str]:
-    return {
-        "format": FORMAT,
-        "kind": kind,
-        "model": spec.name,
-        "config": json.dumps(dataclasses.asdict(spec.config)),
-        "config_type": type(spec.config).__name__,
-        "input_shape": json.dumps(list(spec.input_shape)),
-        **{k: json.dumps(v) for k, v in extra.items()},
-    }
-
-
-def _write(path: Path, arrays: dict[str, np.ndarray], header: dict[str, str]) -> None:
-    arrays = {k: np.array(v, order="C") for k, v in arrays.items()}
-    with atomic_path(Path(path)) as tmp:
-        save_numpy(arrays, str(tmp), metadata=header)
+    return {"format": FORMAT, "kind": kind, **spec_metadata(spec), **{k: json.dumps(v) for k, v in extra.items()}}
 
 
 def _read(path: Path, kind: str) -> tuple[dict[str, np.ndarray], dict[str, str], ModelSpec]:
-    path = _check_readable(path)
-    try:
-        arrays = load_numpy(str(path))
-        with open(path, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little"))).get("__metadata__", {})
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+    arrays, header = read_arrays(path)
     if header.get("format") != FORMAT or header.get("kind") != kind:
         raise CheckpointError(
             f"{path}: not a {kind} training checkpoint (format {header.get('format')!r}, kind {header.get('kind')!r})"
@@ -111,7 +87,7 @@ def save_torch(
         param_groups=opt["param_groups"],
         optim_scalars=scalars,
     )
-    _write(path, arrays, header)
+    write_arrays(path, arrays, header)
 
 
 def load_torch(path: str | Path) -> tuple[ModelSpec, torch.nn.Module, torch.optim.Optimizer, int]:
@@ -149,7 +125,7 @@ def _flat_tree(tree: Any, prefix: str) -> dict[str, np.ndarray]:
 def save_linen(path: str | Path, spec: ModelSpec, state: ftrain.LinenState, key: jax.Array) -> None:
     arrays = _flat_tree(state, "state")
     arrays["rng/key"] = np.asarray(jax.random.key_data(key))
-    _write(path, arrays, _header(spec, "linen", key_impl=str(jax.random.key_impl(key))))
+    write_arrays(path, arrays, _header(spec, "linen", key_impl=str(jax.random.key_impl(key))))
 
 
 def load_linen(path: str | Path, template: ftrain.LinenState) -> tuple[ModelSpec, ftrain.LinenState, jax.Array]:
@@ -178,7 +154,7 @@ def _nnx_value(var: nnx.Variable) -> np.ndarray:
 
 def save_nnx(path: str | Path, spec: ModelSpec, model: nnx.Module, optimizer: nnx.Optimizer) -> None:
     arrays = {k: _nnx_value(var) for k, (_, var) in _nnx_flat(model, optimizer).items()}
-    _write(path, arrays, _header(spec, "nnx"))
+    write_arrays(path, arrays, _header(spec, "nnx"))
 
 
 def load_nnx(path: str | Path, model: nnx.Module, optimizer: nnx.Optimizer) -> ModelSpec:

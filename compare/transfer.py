@@ -138,6 +138,11 @@ def flax_template(spec: ModelSpec) -> dict[str, jax.ShapeDtypeStruct]:
     return dict(traverse_util.flatten_dict(variables, sep="/"))
 
 
+def _flax_expected(spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{flat Flax key: (shape, 'float' | 'int')} of ``spec``, for :func:`_validate`."""
+    return {k: (tuple(v.shape), "int" if k.endswith(_COUNT) else "float") for k, v in flax_template(spec).items()}
+
+
 # --- values -------------------------------------------------------------------------
 
 
@@ -250,8 +255,7 @@ def flat_to_torch(
         to give a bfloat16 checkpoint its dtype back. Counters are int64.
     """
     spec = get(spec)
-    template = flax_template(spec)
-    expected = {k: (tuple(v.shape), "int" if k.endswith(_COUNT) else "float") for k, v in template.items()}
+    expected = _flax_expected(spec)
     problems = _validate(flat, expected, allow_nonfinite)
     if problems:
         raise TransferError(f"Flax variables -> torch '{spec.name}'", problems)
@@ -321,8 +325,7 @@ def flat_into_nnx(
 
 
 def _check_linen(flat: FlatFlax, spec: ModelSpec, what: str, allow_nonfinite: bool) -> None:
-    template = flax_template(spec)
-    expected = {k: (tuple(v.shape), "int" if k.endswith(_COUNT) else "float") for k, v in template.items()}
+    expected = _flax_expected(spec)
     problems = _validate(flat, expected, allow_nonfinite)
     if problems:
         raise TransferError(what, problems)
