@@ -19,7 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from compare import checkpoint, registry, transfer
+from compare import registry, transfer
+from compare.io import checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

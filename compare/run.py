@@ -21,7 +21,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from compare import equivalence, plots, registry, report, results
+from compare import registry
+from compare.checks import equivalence
+from compare.report import markdown as report
+from compare.report import plots, results
 
 QUICK_MODELS = ["mlp", "cnn", "resnet18", "resnet18_cifar"]
 DEFAULT_SUITES = ["equivalence", "bench"]
@@ -41,7 +44,7 @@ def _equivalence(args, progress) -> dict[str, list[dict]]:
 
 def _spec(args, progress) -> dict[str, list[dict]]:
     """The spec facts (pytest), then the train-mode equivalence records of mlp and cnn."""
-    from compare import spec, train_equivalence
+    from compare.checks import spec, train_equivalence
 
     facts = spec.run(progress=lambda fact, total: progress(fact, total + len(TRAIN_MODELS) * 2))
     train = []
@@ -53,7 +56,7 @@ def _spec(args, progress) -> dict[str, list[dict]]:
 
 
 def _bench(args, progress) -> dict:
-    from compare import bench
+    from compare.bench import sweep as bench
 
     sweep = bench.SWEEPS[f"{'full' if args.full else 'quick'}-{args.device}"]
     groups = sweep.groups()
@@ -66,7 +69,7 @@ def _bench(args, progress) -> dict:
 
 
 def _train(args, progress) -> dict:
-    from compare import data, training
+    from compare.experiments import data, training
 
     grid = training.GRIDS["full" if args.full else "quick"]
     dataset = data.load(args.dataset, args.data_dir)
@@ -81,7 +84,8 @@ def _distributed(args, progress) -> dict:
     Correctness only: throughput scaling needs a real multi-GPU machine."""
     import tempfile
 
-    from compare import distributed_jax, distributed_torch
+    from compare.checks import parallel_jax as distributed_jax
+    from compare.checks import parallel_torch as distributed_torch
 
     progress(None, 2)
     records = distributed_jax.run_in_subprocess((2, 4, 8))

@@ -19,8 +19,9 @@ from flax import nnx
 
 import flaxbn.train as ftrain
 import torchbn.train as ttrain
-from compare import registry, train_state
+from compare import registry
 from compare.conventions import nchw_to_nhwc
+from compare.io import train_state
 
 # dropout active in both places (channel-wise and element-wise), BatchNorm everywhere
 SPEC = registry.get("cnn").replace(in_channels=1, image_size=8, channels=(4, 8), hidden=16, dropout=0.3, dropout2d=0.2)

@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from compare import bench, bench_jax, bench_torch, flops, registry
+from compare import registry
+from compare.bench import flops
+from compare.bench import runners_jax as bench_jax
+from compare.bench import runners_torch as bench_torch
+from compare.bench import sweep as bench
 
 TINY = {
     "mlp": registry.get("mlp").replace(in_features=20, hidden=(32, 16)),

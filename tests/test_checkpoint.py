@@ -17,8 +17,9 @@ import pytest
 import torch
 from conftest import assert_flat_equal, random_state_dict
 
-from compare import checkpoint, convert, registry, transfer
-from compare.checkpoint import CheckpointError
+from compare import convert, registry, transfer
+from compare.io import checkpoint
+from compare.io.checkpoint import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,7 +113,7 @@ WRITER = textwrap.dedent(
     """
     import sys, numpy as np
     sys.path.insert(0, {root!r})
-    from compare import checkpoint
+    from compare.io import checkpoint
     i = 0
     while True:  # rewrite the same file forever, each time with other values
         i += 1

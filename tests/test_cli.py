@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from compare import equivalence, run
+from compare import run
+from compare.checks import equivalence
 
 META_FIELDS = {"python", "numpy", "torch", "jax", "jaxlib", "flax", "optax", "device", "device_name", "date", "command"}
 EQUIVALENCE_FIELDS = {"model", "flax_api", "mode", "dtype", "max_abs_diff", "max_rel_diff", "tol", "ok"}

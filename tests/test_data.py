@@ -8,8 +8,8 @@ import pickle
 import numpy as np
 import pytest
 
-from compare import data
-from compare.data import DataError
+from compare.experiments import data
+from compare.experiments.data import DataError
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:

@@ -2,8 +2,8 @@
 
 JAX runs in a subprocess with 8 simulated CPU devices (XLA_FLAGS must be set before jax
 starts) and is checked with 2, 4 and 8; torch runs DistributedDataParallel with 2 gloo
-processes on loopback. Tolerances are in ``compare.distributed_jax.TOL`` (measured worst
-case 1.3e-6 on logits) and ``compare.distributed_torch`` (measured 0: exact).
+processes on loopback. Tolerances are in ``compare.checks.parallel_jax.TOL`` (measured worst
+case 1.3e-6 on logits) and ``compare.checks.parallel_torch`` (measured 0: exact).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compare import distributed_jax, distributed_torch
+from compare.checks import parallel_jax as distributed_jax
+from compare.checks import parallel_torch as distributed_torch
 
 spec = pytest.mark.spec
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import APIS, MODELS
 
-from compare import equivalence, registry, transfer
+from compare import registry, transfer
+from compare.checks import equivalence
 
 
 @pytest.mark.spec("cross.eval.same_weights_same_outputs")

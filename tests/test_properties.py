@@ -8,7 +8,8 @@ from conftest import assert_flat_equal, random_state_dict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compare import equivalence, registry, transfer
+from compare import registry, transfer
+from compare.checks import equivalence
 
 widths = st.integers(min_value=1, max_value=12)
 rates = st.sampled_from([0.0, 0.1, 0.5])

@@ -16,8 +16,9 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file
 
-from compare import registry, train_state
-from compare.checkpoint import CheckpointError
+from compare import registry
+from compare.io import train_state
+from compare.io.checkpoint import CheckpointError
 
 WORKER = str(Path(__file__).with_name("resume_worker.py"))
 
@@ -76,7 +77,8 @@ def test_a_checkpoint_for_another_architecture_is_refused_and_the_model_is_untou
 
 
 def test_a_weights_file_is_not_mistaken_for_a_training_checkpoint(tmp_path):
-    from compare import checkpoint, transfer
+    from compare import transfer
+    from compare.io import checkpoint
 
     spec = registry.get("mlp").replace(in_features=6, hidden=(8,))
     checkpoint.write_flax(

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from compare import data, training
+from compare.experiments import data, training
 
 RECORD_FIELDS = {
     "claim", "model", "framework", "use_bn", "dropout", "lr", "epochs", "final_train_loss", "final_train_acc",

@@ -9,7 +9,8 @@ import torch
 from conftest import assert_flat_equal, random_state_dict
 from flax import nnx
 
-from compare import equivalence, registry, transfer
+from compare import registry, transfer
+from compare.checks import equivalence
 from compare.transfer import TransferError
 
 

@@ -20,7 +20,8 @@ from flax import nnx
 
 import flaxbn.train as ftrain
 import torchbn.train as ttrain
-from compare import equivalence, masks, optimizers, transfer
+from compare import masks, optimizers, transfer
+from compare.checks import equivalence
 from compare.registry import ModelSpec, get
 
 # One train-mode step, CPU float32, measured on torch 2.13 / jax 0.10.2 (mlp and cnn, seeds 0-2):

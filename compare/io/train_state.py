@@ -1,6 +1,6 @@
 """Full training-state checkpoints, torch and Flax, for exact resume.
 
-One ``.safetensors`` file per checkpoint (written atomically, see ``compare.checkpoint``):
+One ``.safetensors`` file per checkpoint (written atomically, see ``compare.io.checkpoint``):
 the tensors under named prefixes and, in the JSON header, everything else. A checkpoint
 alone rebuilds the model (name and configuration are in the header).
 
@@ -32,7 +32,7 @@ import torch
 from flax import nnx
 
 import flaxbn.train as ftrain
-from compare.checkpoint import CheckpointError, read_arrays, spec_from_metadata, spec_metadata, write_arrays
+from compare.io.checkpoint import CheckpointError, read_arrays, spec_from_metadata, spec_metadata, write_arrays
 from compare.registry import ModelSpec
 
 FORMAT = "bn-dropout-parity/train-state/1"

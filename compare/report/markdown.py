@@ -103,7 +103,7 @@ def _equivalence_md(records: list[dict], out: Path | None) -> list[str]:
 
 
 def _bench_md(results: dict[str, Any], out: Path | None) -> list[str]:
-    from compare.bench import speedups
+    from compare.bench.sweep import speedups
 
     records = results["bench"]
     settings = results["meta"].get("bench_settings", {})
@@ -120,7 +120,7 @@ def _bench_md(results: dict[str, Any], out: Path | None) -> list[str]:
     for what, why in settings.get("skipped", {}).items():
         lines.append(f"* not run: `{what}`: {why}")
     if records and records[0]["device"] == "cpu":
-        from compare.bench import CPU_FINDINGS
+        from compare.bench.sweep import CPU_FINDINGS
 
         lines += ["", "Where JAX loses on CPU, and why (profiled on a 2-core x86_64 machine):", ""]
         lines += [f"* {finding}" for finding in CPU_FINDINGS]
@@ -261,7 +261,7 @@ def console(results: dict[str, Any], console: Console | None = None) -> None:
         verdict = "[green]holds[/green]" if c["holds"] else "[yellow]does not hold[/yellow]"
         console.print(f"{c['claim']} claim, {c['model']} ({c['framework']}): {verdict}: {c['detail']}")
     if "bench" in results:
-        from compare.bench import speedups
+        from compare.bench.sweep import speedups
 
         for row in speedups(results["bench"]):
             console.print(

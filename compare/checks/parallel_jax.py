@@ -354,7 +354,7 @@ def run_in_subprocess(device_counts=(2, 4, 8), timeout: int = 600) -> list[dict]
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={max(device_counts)}",
         "JAX_PLATFORMS": "cpu",
     }
-    cmd = [sys.executable, "-m", "compare.distributed_jax", *map(str, device_counts)]
+    cmd = [sys.executable, "-m", "compare.checks.parallel_jax", *map(str, device_counts)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")

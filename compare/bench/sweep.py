@@ -12,7 +12,7 @@ Method (nanoGPT's bench.py, stretched over frameworks):
   loss and the new state, ``torch.cuda.synchronize``); implementations are interleaved
   and the starting one rotates, so machine noise does not favour one; the median and
   the 10th/90th percentiles are over rounds;
-* ``tflops_per_s`` uses the analytic count of ``compare.flops``; ``mfu`` divides it by the
+* ``tflops_per_s`` uses the analytic count of ``compare.bench.flops``; ``mfu`` divides it by the
   best matmul rate measured on this device in the same run and dtype (``peak_tflops_per_s``);
 * ``peak_mem_bytes``: on CPU the process RSS growth while the implementation was built,
   compiled and warmed up; on GPU torch's ``max_memory_allocated`` and XLA's
@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from compare import bench_jax, bench_torch, flops
+from compare.bench import flops
+from compare.bench import runners_jax as bench_jax
+from compare.bench import runners_torch as bench_torch
 from compare.registry import ModelSpec, get
 
 

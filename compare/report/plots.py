@@ -143,7 +143,7 @@ def accuracy_vs_lr(records: list[dict], path: Path) -> Path | None:
 
 def gap_vs_dropout(records: list[dict], path: Path) -> Path | None:
     """Dropout claim: generalisation gap (test - train loss) against the dropout rate."""
-    from compare.training import generalisation_gap
+    from compare.experiments.training import generalisation_gap
 
     recs = [r for r in records if r["claim"] == "dropout"]
     if not recs:

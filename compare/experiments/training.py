@@ -2,7 +2,7 @@
 way in PyTorch and Flax (linen).
 
 Every run starts both frameworks from the *same* weights (the torch initialisation,
-transferred) and feeds them the same batches in the same order (``compare.data.batches``).
+transferred) and feeds them the same batches in the same order (``compare.experiments.data.batches``).
 Only the dropout masks differ (each framework draws its own; ``compare.masks`` exists for
 exact comparisons, but here each framework trains as its users would run it). Flax uses
 its stock BatchNorm statistics with torch's momentum (0.9 in Flax's direction).
@@ -35,9 +35,9 @@ import torch
 
 import flaxbn.train as ftrain
 import torchbn.train as ttrain
-from compare import data as datalib
 from compare import registry, transfer
 from compare.conventions import nchw_to_nhwc
+from compare.experiments import data as datalib
 
 DIVERGED_LOSS = 1e3  # a training loss above this (or not finite) ends the run as diverged
 STABLE_ACCURACY = 0.5  # a run that did not diverge and ends above this trained "stably"
