@@ -39,6 +39,12 @@ def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
     return np.transpose(x, (0, 2, 3, 1))  # (N, C, H, W) -> (N, H, W, C)
 
 
+def to_flax_input(x: np.ndarray) -> np.ndarray:
+    """A model input or activation in Flax's layout: images (N, C, H, W) -> (N, H, W, C);
+    (N, features) stays as it is."""
+    return nchw_to_nhwc(x) if x.ndim == 4 else x
+
+
 def nhwc_to_nchw(x: np.ndarray) -> np.ndarray:
     return np.transpose(x, (0, 3, 1, 2))  # (N, H, W, C) -> (N, C, H, W)
 

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from compare import registry, transfer
-from compare.io import checkpoint
+from compare.io import checkpoint, convert
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,26 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.src.suffix == ".safetensors" and checkpoint.is_flax_file(args.src):
-            flat, spec = checkpoint.read_flax(args.src)
-            if args.model and args.model != spec.name:
-                raise checkpoint.CheckpointError(f"{args.src}: holds a {spec.name!r}, not a {args.model!r}")
-            sd = transfer.flat_to_torch(flat, spec, allow_nonfinite=args.allow_nonfinite)
-            checkpoint.write_torch_state_dict(sd, args.dst)
-            print(
-                f"converted Flax {spec.name} ({len(flat)} arrays) -> torch state_dict ({len(sd)} tensors): {args.dst}"
-            )
+            print(convert.flax_file_to_torch(args.src, args.dst, args.model, allow_nonfinite=args.allow_nonfinite))
         else:
             if not args.model:
                 parser.error("--model is required for a torch source: a state_dict does not name its architecture")
-            spec = registry.get(args.model)
-            sd = checkpoint.read_torch_state_dict(args.src)
-            flat = transfer.torch_to_flat(sd, spec, allow_nonfinite=args.allow_nonfinite)
-            checkpoint.write_flax(flat, spec, args.dst)
-            n_params = sum(1 for k in flat if k.startswith("params/"))
-            print(
-                f"converted torch {spec.name} ({len(sd)} tensors) -> Flax ({n_params} params, "
-                f"{len(flat) - n_params} batch_stats): {args.dst}"
-            )
+            print(convert.torch_file_to_flax(args.src, args.dst, args.model, allow_nonfinite=args.allow_nonfinite))
     except (checkpoint.CheckpointError, transfer.TransferError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

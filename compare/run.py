@@ -23,8 +23,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from compare import registry
 from compare.checks import equivalence
-from compare.report import markdown as report
-from compare.report import plots, results
+from compare.report import console as console_report
+from compare.report import markdown, plots, results
 
 QUICK_MODELS = ["mlp", "cnn", "resnet18", "resnet18_cifar"]
 DEFAULT_SUITES = ["equivalence", "bench"]
@@ -56,7 +56,7 @@ def _spec(args, progress) -> dict[str, list[dict]]:
 
 
 def _bench(args, progress) -> dict:
-    from compare.bench import sweep as bench
+    from compare import bench
 
     sweep = bench.SWEEPS[f"{'full' if args.full else 'quick'}-{args.device}"]
     groups = sweep.groups()
@@ -69,13 +69,13 @@ def _bench(args, progress) -> dict:
 
 
 def _train(args, progress) -> dict:
-    from compare.experiments import data, training
+    from compare.experiments import claims, data, training
 
     grid = training.GRIDS["full" if args.full else "quick"]
     dataset = data.load(args.dataset, args.data_dir)
     progress(None, len(grid.runs()))
     records = training.run(grid, dataset, progress=lambda what: progress(what, None))
-    summary = {"claims": training.claims(records), "framework_agreement": training.framework_agreement(records)}
+    summary = {"claims": claims.claims(records), "framework_agreement": claims.framework_agreement(records)}
     return {"train": records, "meta": {"train_summary": summary}}
 
 
@@ -84,14 +84,13 @@ def _distributed(args, progress) -> dict:
     Correctness only: throughput scaling needs a real multi-GPU machine."""
     import tempfile
 
-    from compare.checks import parallel_jax as distributed_jax
-    from compare.checks import parallel_torch as distributed_torch
+    from compare.checks import parallel_jax, parallel_torch
 
     progress(None, 2)
-    records = distributed_jax.run_in_subprocess((2, 4, 8))
+    records = parallel_jax.run_in_subprocess((2, 4, 8))
     progress("jax on 2, 4 and 8 devices", None)
     with tempfile.TemporaryDirectory() as tmp:
-        records += distributed_torch.checks(tmp)
+        records += parallel_torch.checks(tmp)
     progress("torch DDP on 2 processes", None)
     return {"distributed": records}
 
@@ -172,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     plots.accuracy_vs_lr(out.get("train", []), args.out / "train_accuracy_vs_lr.png")
     plots.gap_vs_dropout(out.get("train", []), args.out / "train_gap_vs_dropout.png")
     results.write(args.out / "results.json", out)
-    (args.out / "report.md").write_text(report.markdown(out, args.out))
-    report.console(out, console)
+    (args.out / "report.md").write_text(markdown.render(out, args.out))
+    console_report.show(out, console)
     failed = results.failures(out)
     console.print(f"wrote {args.out / 'results.json'} and {args.out / 'report.md'}")
     if failed:

@@ -10,11 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from compare import registry
-from compare.bench import flops
-from compare.bench import runners_jax as bench_jax
-from compare.bench import runners_torch as bench_torch
-from compare.bench import sweep as bench
+from compare import bench, registry
+from compare.bench import flops, runners_jax, runners_torch
 
 TINY = {
     "mlp": registry.get("mlp").replace(in_features=20, hidden=(32, 16)),
@@ -51,7 +48,7 @@ def test_cnn_flops_follow_the_pooled_spatial_sizes():
 def test_analytic_count_agrees_with_xla_cost_analysis_for_the_mlp():
     """XLA also counts elementwise work (BN, ReLU, dropout, SGD): measured 0.850 vs 0.822
     GFLOP at batch 256, 3.4% more than the matmul count."""
-    runner = bench_jax.LinenRunner(registry.get("mlp"), 256, "float32", "cpu")
+    runner = runners_jax.LinenRunner(registry.get("mlp"), 256, "float32", "cpu")
     cost = runner.lowered().compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     ratio = cost["flops"] / flops.train_step_flops("mlp", 256)
@@ -84,8 +81,8 @@ def test_bfloat16_mixed_precision_runs_in_every_implementation():
 def test_scan_over_k_steps_gives_the_parameters_of_k_jitted_steps():
     """Same keys (the step is folded into the key), same data: measured max diff 0 to 2e-8."""
     k = 4
-    per_step = bench_jax.LinenRunner(TINY["cnn"], 8, "float32", "cpu")
-    scanned = bench_jax.LinenRunner(TINY["cnn"], 8, "float32", "cpu", scan_steps=k)
+    per_step = runners_jax.LinenRunner(TINY["cnn"], 8, "float32", "cpu")
+    scanned = runners_jax.LinenRunner(TINY["cnn"], 8, "float32", "cpu", scan_steps=k)
     for _ in range(k):
         per_step.step()
     scanned.step()
@@ -96,7 +93,9 @@ def test_scan_over_k_steps_gives_the_parameters_of_k_jitted_steps():
     assert int(scanned.state.step) == int(per_step.state.step) == k
 
 
-@pytest.mark.parametrize("runner_cls, kwargs", [(bench_jax.LinenRunner, {}), (bench_jax.NnxRunner, {"split": True})])
+@pytest.mark.parametrize(
+    "runner_cls, kwargs", [(runners_jax.LinenRunner, {}), (runners_jax.NnxRunner, {"split": True})]
+)
 def test_the_jitted_jax_step_compiles_once(runner_cls, kwargs):
     runner = runner_cls(TINY["mlp"], 8, "float32", "cpu", **kwargs)
     for _ in range(3):
@@ -106,7 +105,7 @@ def test_the_jitted_jax_step_compiles_once(runner_cls, kwargs):
 
 def test_the_compiled_torch_step_does_not_recompile_on_later_calls():
     torch._dynamo.reset()
-    runner = bench_torch.TorchRunner(TINY["mlp"], 8, "float32", "cpu", compile_mode="default")
+    runner = runners_torch.TorchRunner(TINY["mlp"], 8, "float32", "cpu", compile_mode="default")
     runner.step()
     runner.step()  # BatchNorm's num_batches_tracked changes: must not trigger a recompile
     with torch._dynamo.config.patch(error_on_recompile=True):

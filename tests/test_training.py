@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from compare.experiments import data, training
+from compare.experiments import claims, data, training
 
 RECORD_FIELDS = {
     "claim", "model", "framework", "use_bn", "dropout", "lr", "epochs", "final_train_loss", "final_train_acc",
@@ -55,16 +55,16 @@ def test_the_batchnorm_claim_holds_when_bn_is_stable_at_a_learning_rate_where_pl
         _fake("batchnorm", "mlp", "torch", False, lr=0.1),
         _fake("batchnorm", "mlp", "torch", False, lr=1.0, diverged=True),
     ]
-    assert training.batchnorm_claim(recs, "mlp", "torch")["holds"]
+    assert claims.batchnorm_claim(recs, "mlp", "torch")["holds"]
     recs[1] = _fake("batchnorm", "mlp", "torch", True, lr=1.0, diverged=True)
-    assert not training.batchnorm_claim(recs, "mlp", "torch")["holds"]
+    assert not claims.batchnorm_claim(recs, "mlp", "torch")["holds"]
 
 
 def test_the_dropout_claim_holds_only_when_the_gap_shrinks_as_p_grows():
     shrinking = [_fake("dropout", "mlp", "torch", dropout=p, gap=g) for p, g in [(0.0, 0.3), (0.2, 0.2), (0.5, 0.1)]]
-    assert training.dropout_claim(shrinking, "mlp", "torch")["holds"]
+    assert claims.dropout_claim(shrinking, "mlp", "torch")["holds"]
     mixed = [_fake("dropout", "mlp", "torch", dropout=p, gap=g) for p, g in [(0.0, 0.3), (0.2, 0.35), (0.5, 0.1)]]
-    verdict = training.dropout_claim(mixed, "mlp", "torch")
+    verdict = claims.dropout_claim(mixed, "mlp", "torch")
     assert not verdict["holds"] and "not monotone" in verdict["detail"]
 
 

@@ -24,13 +24,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
-from compare.bench import flops
-from compare.bench import runners_jax as bench_jax
-from compare.bench import runners_torch as bench_torch
+from compare.bench import flops, runners_jax, runners_torch
+from compare.bench.memory import MemoryProbe
+from compare.records import BenchRecord, Speedup
 from compare.registry import ModelSpec, get
 
 
@@ -53,21 +52,9 @@ class Sweep:
         return (self.impls is None or impl in self.impls) and (model, impl) not in self.skip
 
 
-# What profiling found on XLA:CPU (2 cores, jax 0.10.2); report.md repeats it for CPU runs.
-CPU_FINDINGS = (
-    "XLA:CPU's max-pool gradient (select_and_scatter) took 76 of ~190 ms of the cnn step at batch 256; "
-    "flaxbn's 2x2 pool (reshape + max, torch's first-maximum gradient) takes 8 ms and brought the step to ~100 ms.",
-    "The convolutions are ~2x slower in XLA:CPU (Eigen) than in torch's oneDNN: conv 32->64 at 14x14, batch 256: "
-    "forward 9.5 ms, input gradient 9.3 ms, weight gradient 20.8 ms, against ~15 ms for torch's forward + backward. "
-    "The XLA:CPU flags of this jaxlib (onednn custom call / fusion types, xnn and ynn fusion types, xnn graph fusion, "
-    "fast math) changed nothing measurable; an im2col weight gradient was slower (75 ms); NCHW was slower (14.3 ms).",
-    "lax.scan does not help convnets on XLA:CPU: the weight-gradient convolution inside a scan body runs ~15x slower "
-    "(324 vs 21 ms), so jax-scan costs ~1.5 s per cnn step; for the mlp it is the fastest implementation.",
-)
-
 SKIP_REASONS = {
-    ("cnn", "jax-scan"): "XLA:CPU runs the weight-gradient convolutions inside lax.scan ~15x slower "
-    "(measured 324 vs 21 ms for 256x14x14x32->64): 1.5 s per step; measured with --full only",
+    ("cnn", "jax-scan"): "XLA:CPU runs the weight-gradient convolutions inside lax.scan many times slower "
+    "than outside it (README, 'Why the cnn misses'); measured with --full only",
 }
 
 
@@ -99,66 +86,11 @@ SWEEPS = {
 def all_implementations(device: str) -> dict[str, Callable]:
     """name -> factory(spec, batch, dtype, device) -> runner."""
     impls = {}
-    for name, kwargs in bench_torch.implementations(device).items():
-        impls[name] = lambda s, b, d, dev, kw=kwargs: bench_torch.TorchRunner(s, b, d, dev, **kw)
-    for name, (cls, kwargs) in bench_jax.implementations().items():
+    for name, kwargs in runners_torch.implementations(device).items():
+        impls[name] = lambda s, b, d, dev, kw=kwargs: runners_torch.TorchRunner(s, b, d, dev, **kw)
+    for name, (cls, kwargs) in runners_jax.implementations().items():
         impls[name] = lambda s, b, d, dev, cls=cls, kw=kwargs: cls(s, b, d, dev, **kw)
     return impls
-
-
-# --- memory ------------------------------------------------------------------------------
-
-
-def _status(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_rss_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
-
-
-class _MemoryProbe:
-    def __init__(self, device: str):
-        self.device = device
-
-    def __enter__(self):
-        if self.device == "gpu":
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self.can_reset = _reset_rss_peak()
-            self.rss_before = _status("VmRSS")
-        return self
-
-    def result(self, runner) -> int | None:
-        if self.device == "gpu":
-            if isinstance(runner, bench_torch.TorchRunner):
-                import torch
-
-                return int(torch.cuda.max_memory_allocated())
-            lowered = runner.lowered() if hasattr(runner, "lowered") else None
-            if lowered is None:
-                return None
-            m = lowered.compile().memory_analysis()
-            if m is None:
-                return None
-            return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
-        peak = _status("VmHWM") if self.can_reset else _status("VmRSS")
-        return None if peak is None or self.rss_before is None else max(0, peak - self.rss_before)
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --- timing ------------------------------------------------------------------------------
@@ -190,7 +122,7 @@ def bench_group(
     step_flops = flops.train_step_flops(spec, batch)
     prepared = {}
     for impl in names:
-        with _MemoryProbe(device) as probe:
+        with MemoryProbe(device) as probe:
             t0 = time.perf_counter()
             runner = factories[impl](spec, batch, dtype, device)
             runner.sync(runner.step())
@@ -217,25 +149,25 @@ def bench_group(
         median = float(np.median(ms))
         tflops = step_flops / (median / 1e3) / 1e12
         records.append(
-            {
-                "model": name,
-                "impl": impl,
-                "device": device,
-                "dtype": dtype,
-                "batch_size": batch,
-                "step_ms_median": median,
-                "step_ms_p10": float(np.percentile(ms, 10)),
-                "step_ms_p90": float(np.percentile(ms, 90)),
-                "samples_per_s": batch / (median / 1e3),
-                "compile_s": compile_s,
-                "peak_mem_bytes": mem,
-                "tflops_per_s": tflops,
-                "mfu": tflops / peak if peak else None,
-                "peak_tflops_per_s": peak,
-                "flops_per_step": step_flops,
-                "steps_timed": n * runner.steps_per_call * sweep.rounds,
-                **{k: v for k, v in runner.info.items() if v is not None},
-            }
+            BenchRecord(
+                model=name,
+                impl=impl,
+                device=device,
+                dtype=dtype,
+                batch_size=batch,
+                step_ms_median=median,
+                step_ms_p10=float(np.percentile(ms, 10)),
+                step_ms_p90=float(np.percentile(ms, 90)),
+                samples_per_s=batch / (median / 1e3),
+                compile_s=compile_s,
+                peak_mem_bytes=mem,
+                tflops_per_s=tflops,
+                mfu=tflops / peak if peak else None,
+                peak_tflops_per_s=peak,
+                flops_per_step=step_flops,
+                steps_timed=n * runner.steps_per_call * sweep.rounds,
+                **runner.info,
+            ).to_dict()
         )
     del prepared
     return records
@@ -244,13 +176,14 @@ def bench_group(
 def measure_peaks(dtypes, device: str, n: int) -> dict[str, float]:
     """The device's achieved matmul TFLOP/s per dtype: the better of torch and JAX."""
     return {
-        d: max(bench_torch.peak_matmul_tflops(d, device, n), bench_jax.peak_matmul_tflops(d, device, n)) for d in dtypes
+        d: max(runners_torch.peak_matmul_tflops(d, device, n), runners_jax.peak_matmul_tflops(d, device, n))
+        for d in dtypes
     }
 
 
 def run(sweep: Sweep, device: str, progress: Callable | None = None) -> tuple[list[dict], dict]:
     """Every group of the sweep; returns (records, settings for the record)."""
-    settings = {**bench_torch.configure(device), **bench_jax.configure(device)}
+    settings = {**runners_torch.configure(device), **runners_jax.configure(device)}
     peaks = measure_peaks(sweep.dtypes, device, sweep.matmul_n)
     settings["peak_matmul_tflops_per_s"] = peaks
     records = []
@@ -273,15 +206,15 @@ def speedups(records: list[dict]) -> list[dict]:
         )
         if jax_best and torch_best:
             rows.append(
-                {
-                    "model": model,
-                    "dtype": dtype,
-                    "batch_size": batch,
-                    "best_jax": jax_best["impl"],
-                    "best_torch": torch_best["impl"],
-                    "jax_samples_per_s": jax_best["samples_per_s"],
-                    "torch_samples_per_s": torch_best["samples_per_s"],
-                    "speedup": jax_best["samples_per_s"] / torch_best["samples_per_s"],
-                }
+                Speedup(
+                    model=model,
+                    dtype=dtype,
+                    batch_size=batch,
+                    best_jax=jax_best["impl"],
+                    best_torch=torch_best["impl"],
+                    jax_samples_per_s=jax_best["samples_per_s"],
+                    torch_samples_per_s=torch_best["samples_per_s"],
+                    speedup=jax_best["samples_per_s"] / torch_best["samples_per_s"],
+                ).to_dict()
             )
     return rows

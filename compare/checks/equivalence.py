@@ -21,15 +21,9 @@ import torch
 from flax import nnx, traverse_util
 
 from compare import conventions, transfer
+from compare.checks import diffs, tolerances
+from compare.records import EquivalenceRecord
 from compare.registry import ModelSpec, get
-
-# Tolerances on max |torch - flax| of the logits, CPU float32. Measured on torch 2.13 /
-# jax 0.10.2 / flax 0.12.8, seeds 0..4, batch 8: mlp 7.2e-7, cnn 1.7e-6, resnet18 4.8e-6,
-# resnet18_cifar 3.9e-6, resnet34 2.7e-5 (normwise relative ~1e-6 for all). The ResNets
-# sum thousands of products per output (3x3x512 convs) in a different order in oneDNN
-# and XLA, and the error grows with depth.
-TOLERANCE = {"mlp": 1e-5, "cnn": 1e-5, "resnet18": 1e-4, "resnet34": 1e-4, "resnet18_cifar": 1e-4}
-DEFAULT_TOLERANCE = 1e-4
 
 
 @dataclasses.dataclass
@@ -69,22 +63,10 @@ def randomize_batchnorm(model: torch.nn.Module, x: torch.Tensor, seed: int) -> N
     model.train(was_training)
 
 
-def _max_diffs(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """max |a - b|, and that over max |b| (normwise relative: element-wise ratios explode
-    where a logit is near zero)."""
-    abs_diff = float(np.max(np.abs(a - b))) if a.size else 0.0
-    scale = float(np.max(np.abs(b))) if b.size else 0.0
-    return abs_diff, abs_diff / max(scale, np.finfo(np.float32).tiny)
-
-
-def to_flax_input(x: np.ndarray) -> np.ndarray:
-    return conventions.nchw_to_nhwc(x) if x.ndim == 4 else x
-
-
 def flax_eval(spec: ModelSpec, api: str, state: Any, x: np.ndarray) -> np.ndarray:
     """Logits of the Flax side in eval mode; ``state`` is linen variables or an nnx model;
     ``x`` is in torch layout."""
-    xf = jnp.asarray(to_flax_input(x))
+    xf = jnp.asarray(conventions.to_flax_input(x))
     if api == "linen":
         return np.asarray(spec.build_linen().apply(state, xf, train=False))
     state.eval()
@@ -100,10 +82,17 @@ def flax_state_from_torch(spec: ModelSpec, api: str, state_dict) -> Any:
 
 
 def check_eval(
-    spec: ModelSpec | str, api: str, *, seed: int = 0, batch: int = 8, tol: float | None = None, device: str = "cpu"
+    spec: ModelSpec | str,
+    api: str,
+    *,
+    seed: int = 0,
+    batch: int = 8,
+    tol: tolerances.Tolerance | None = None,
+    device: str = "cpu",
 ) -> dict:
-    """One eval-mode equivalence record (fields in DESIGN.md, plus ``first_divergence``
-    and ``layers`` when the check fails). ``device`` is 'cpu' or 'gpu' for both sides."""
+    """One eval-mode equivalence record (:class:`compare.records.EquivalenceRecord`, with
+    ``layers`` when the check fails). ``tol`` defaults to the table's ``eval.<model>``;
+    ``device`` is 'cpu' or 'gpu' for both sides."""
     spec = get(spec)
     with true_float32(), jax.default_device(jax.devices(device)[0]):
         return _check_eval(spec, api, seed, batch, tol, "cuda" if device == "gpu" else "cpu")
@@ -122,8 +111,10 @@ def true_float32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _check_eval(spec: ModelSpec, api: str, seed: int, batch: int, tol: float | None, torch_device: str) -> dict:
-    tol = TOLERANCE.get(spec.name, DEFAULT_TOLERANCE) if tol is None else tol
+def _check_eval(
+    spec: ModelSpec, api: str, seed: int, batch: int, tol: tolerances.Tolerance | None, torch_device: str
+) -> dict:
+    tol = tolerances.get(f"eval.{spec.name}") if tol is None else tol
     torch.manual_seed(seed)
     model = spec.build_torch()
     rng = np.random.default_rng(seed)
@@ -135,24 +126,21 @@ def _check_eval(spec: ModelSpec, api: str, seed: int, batch: int, tol: float | N
         expected = model(torch.from_numpy(x).to(torch_device)).cpu().numpy()
     state = flax_state_from_torch(spec, api, model.state_dict())
     got = flax_eval(spec, api, state, x)
-    max_abs, max_rel = _max_diffs(got, expected)
-    ok = bool(np.isfinite(max_abs) and max_abs <= tol)
-    record = {
-        "model": spec.name,
-        "flax_api": api,
-        "mode": "eval",
-        "dtype": "float32",
-        "max_abs_diff": max_abs,
-        "max_rel_diff": max_rel,
-        "tol": tol,
-        "ok": ok,
-        "first_divergence": None,
-    }
-    if not ok:
-        layers = layerwise(spec, api, model, state, x, tol)
-        record["layers"] = [dataclasses.asdict(d) for d in layers]
-        record["first_divergence"] = next((d.layer for d in layers if not d.ok), None)
-    return record
+    diff = diffs.tree_diff(got, expected)
+    ok = tol.holds(diff.max_abs, diff.scale)
+    layers = [] if ok else layerwise(spec, api, model, state, x, tol)
+    return EquivalenceRecord(
+        model=spec.name,
+        flax_api=api,
+        mode="eval",
+        dtype="float32",
+        max_abs_diff=diff.max_abs,
+        max_rel_diff=diff.max_rel,
+        tol=tol.bound(diff.scale),
+        ok=ok,
+        first_divergence=next((d.layer for d in layers if not d.ok), None),
+        layers=[dataclasses.asdict(d) for d in layers] or None,
+    ).to_dict()
 
 
 def _torch_outputs(model: torch.nn.Module, x: np.ndarray) -> list[tuple[str, np.ndarray]]:
@@ -177,7 +165,7 @@ def _torch_outputs(model: torch.nn.Module, x: np.ndarray) -> list[tuple[str, np.
 
 def _flax_outputs(spec: ModelSpec, api: str, state: Any, x: np.ndarray) -> dict[str, np.ndarray]:
     """Outputs of every Flax submodule, keyed by torch's dotted name."""
-    xf = jnp.asarray(to_flax_input(x))
+    xf = jnp.asarray(conventions.to_flax_input(x))
     if api == "linen":
         _, inter = spec.build_linen().apply(
             state, xf, train=False, capture_intermediates=True, mutable=["intermediates"]
@@ -191,24 +179,23 @@ def _flax_outputs(spec: ModelSpec, api: str, state: Any, x: np.ndarray) -> dict[
 
 
 def layerwise(
-    spec: ModelSpec, api: str, torch_model: torch.nn.Module, state: Any, x: np.ndarray, tol: float
+    spec: ModelSpec, api: str, torch_model: torch.nn.Module, state: Any, x: np.ndarray, tol: tolerances.Tolerance
 ) -> list[LayerDiff]:
     """Per-layer max |torch - flax| in torch's execution order, for layers both sides
-    name. A layer is ok when its difference is within ``tol * max(1, max |output|)``."""
+    name. A layer is ok when its difference is within ``tol`` of that layer's output."""
     flax_out = _flax_outputs(spec, api, state, x)
-    diffs = []
-    for name, out in _torch_outputs(torch_model, x):
+    out = []
+    for name, ref in _torch_outputs(torch_model, x):
         if name not in flax_out:
             continue  # ReLU/Dropout/Identity modules exist only on the torch side
-        ref = conventions.nchw_to_nhwc(out) if out.ndim == 4 else out
+        ref = conventions.to_flax_input(ref)  # (N, C, H, W) -> (N, H, W, C); others as they are
         got = flax_out[name]
         if got.shape != ref.shape:
-            diffs.append(LayerDiff(name, float("inf"), float(np.max(np.abs(ref))), False))
+            out.append(LayerDiff(name, float("inf"), float(np.max(np.abs(ref))), False))
             continue
-        max_abs, _ = _max_diffs(got, ref)
-        scale = float(np.max(np.abs(ref)))
-        diffs.append(LayerDiff(name, max_abs, scale, bool(max_abs <= tol * max(1.0, scale))))
-    return diffs
+        d = diffs.tree_diff(got, ref)
+        out.append(LayerDiff(name, d.max_abs, d.scale, tol.holds(d.max_abs, d.scale)))
+    return out
 
 
 def run(

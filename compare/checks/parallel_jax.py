@@ -1,175 +1,31 @@
-"""Data parallelism in JAX: the batch split over a mesh axis ``"data"`` with ``jax.shard_map``,
-BatchNorm either synchronised over that axis (``bn_axis_name="data"``: statistics of the
-global batch) or per device (``None``: each device normalises with its own shard, "ghost"
-BatchNorm, and keeps its own running statistics).
+"""The JAX data-parallel checks of the ``distributed`` suite (the library is
+``flaxbn.parallel``): synchronised BatchNorm against one device with the global batch,
+per-device BatchNorm against each shard alone, data-parallel training against the
+single-device run, and per-device dropout masks, in linen and nnx.
 
-Each device draws its own dropout masks: the key is folded with ``axis_index("data")``.
-Without that fold every device would apply the same mask to its shard, a silent bug
-(``tests/test_distributed.py`` shows both).
-
-Runs on any device set, CPU included (``XLA_FLAGS=--xla_force_host_platform_device_count=8``
-set before jax starts simulates 8 devices).
+The device count of a process is fixed when jax starts, so :func:`run_in_subprocess`
+runs :func:`checks` in a fresh process with simulated CPU devices.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 import flaxbn.train as ftrain
-from compare.registry import ModelSpec
+from compare import registry, transfer
+from compare.checks import diffs, tolerances
+from compare.records import DistributedRecord
+from flaxbn import parallel
+from flaxbn.parallel import AXIS
 
-AXIS = "data"
-
-
-def mesh(devices: int) -> jax.sharding.Mesh:
-    if len(jax.devices()) < devices:
-        raise RuntimeError(
-            f"{devices} devices asked, {len(jax.devices())} visible: on CPU set "
-            f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} before jax is imported"
-        )
-    # Auto: jit moves unsharded inputs to the specs shard_map asks for
-    return jax.make_mesh((devices,), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:devices])
-
-
-def _per_device(tree):
-    """Inside shard_map: give every leaf a leading axis of 1, so out_specs P('data')
-    stacks the devices' values into (devices, ...)."""
-    return jax.tree_util.tree_map(lambda a: a[None], tree)
-
-
-def linen_forward_backward(
-    spec: ModelSpec, variables: dict, x, y, devices: int, bn_mode: str, key=None, fold_device_into_key: bool = True
-):
-    """One train-mode forward and backward of the global batch ``x`` (Flax layout) split
-    over ``devices``. Returns (logits of the global batch, mean gradients, batch_stats per
-    device with a leading devices axis). ``fold_device_into_key=False`` reproduces the
-    bug of one dropout mask on every device."""
-    model = spec.build_linen(bn_axis_name=AXIS if bn_mode == "sync" else None)
-    key = jax.random.key(0) if key is None else key
-
-    def local(params, batch_stats, x, y, key):
-        if fold_device_into_key:
-            key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))  # each device its own masks
-        (_loss, (logits, stats)), grads = ftrain.linen_loss_and_grads(model.apply, params, batch_stats, x, y, key)
-        grads = jax.lax.pmean(grads, AXIS)  # the global mean loss: shards are equal-sized
-        return logits, grads, _per_device(stats)
-
-    run = jax.shard_map(
-        local,
-        mesh=mesh(devices),
-        in_specs=(P(), P(), P(AXIS), P(AXIS), P()),
-        out_specs=(P(AXIS), P(), P(AXIS)),
-        check_vma=False,
-    )
-    return jax.jit(run)(variables["params"], variables["batch_stats"], x, y, key)
-
-
-def nnx_forward_backward(spec: ModelSpec, model_state, x, y, devices: int, bn_mode: str):
-    """The same with an nnx model, split once and merged inside ``shard_map``.
-    ``model_state`` is ``(graphdef, state)`` of a model built with the chosen bn mode."""
-    graphdef, state = model_state
-
-    def local(state, x, y):
-        model = nnx.merge(graphdef, state)
-        model.train()
-        (_loss, logits), grads = ftrain.nnx_loss_and_grads(model, x, y)
-        grads = jax.lax.pmean(nnx.to_pure_dict(grads), AXIS)
-        stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
-        return logits, grads, _per_device(stats)
-
-    run = jax.shard_map(
-        local, mesh=mesh(devices), in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(AXIS), P(), P(AXIS)), check_vma=False
-    )
-    return jax.jit(run)(state, x, y)
-
-
-def dp_train(spec: ModelSpec, variables: dict, tx, batches, devices: int, bn_mode: str = "sync", key=None):
-    """Data-parallel training with synchronised BatchNorm: every step takes a global
-    batch, splits it, averages the gradients. Returns the final linen state."""
-    if bn_mode != "sync":
-        raise ValueError("dp_train keeps one set of running statistics: it needs bn_mode='sync'")
-    model = spec.build_linen(bn_axis_name=AXIS)
-    key = jax.random.key(0) if key is None else key
-    state = ftrain.linen_init_state(variables, tx)
-
-    def local(state, x, y, key):
-        step_key = jax.random.fold_in(jax.random.fold_in(key, state.step), jax.lax.axis_index(AXIS))
-        (loss, (_, stats)), grads = ftrain.linen_loss_and_grads(
-            model.apply, state.params, state.batch_stats, x, y, step_key
-        )
-        grads, loss = jax.lax.pmean((grads, loss), AXIS)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = jax.tree_util.tree_map(lambda p, u: p + u, state.params, updates)
-        return ftrain.LinenState(params, stats, opt_state, state.step + 1), loss
-
-    step = jax.jit(
-        jax.shard_map(
-            local, mesh=mesh(devices), in_specs=(P(), P(AXIS), P(AXIS), P()), out_specs=(P(), P()), check_vma=False
-        )
-    )
-    for x, y in batches:
-        state, _ = step(state, x, y, key)
-    return state
-
-
-def nnx_dp_train(model: nnx.Module, optimizer: nnx.Optimizer, batches, devices: int) -> None:
-    """Data-parallel nnx training in place (model built with ``bn_axis_name="data"`` for
-    synchronised statistics): split once, ``shard_map`` over the pure state with
-    ``nnx.merge`` inside. Each device folds its index into every dropout stream's key for
-    the step, so the masks differ between devices; the streams' counts advance as usual."""
-    graphdef, state = nnx.split((model, optimizer))
-
-    def local(state, x, y):
-        model, optimizer = nnx.merge(graphdef, state)
-        keys = nnx.state(model, nnx.RngKey)
-        device_keys = jax.tree_util.tree_map(lambda k: jax.random.fold_in(k, jax.lax.axis_index(AXIS)), keys)
-        nnx.update(model, device_keys)
-        (loss, _), grads = ftrain.nnx_loss_and_grads(model, x, y)
-        grads = jax.lax.pmean(grads, AXIS)
-        optimizer.update(model, grads)
-        nnx.update(model, keys)  # the shared stream keys back; their counts have advanced
-        return nnx.state((model, optimizer)), jax.lax.pmean(loss, AXIS)
-
-    step = jax.jit(
-        jax.shard_map(
-            local, mesh=mesh(devices), in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(), P()), check_vma=False
-        )
-    )
-    for x, y in batches:
-        state, _ = step(state, x, y)
-    nnx.update((model, optimizer), state)
-
-
-def single_device_train(spec: ModelSpec, variables: dict, tx, batches, key=None):
-    """The reference: the same steps on one device with the global batch."""
-    model = spec.build_linen()
-    key = jax.random.key(0) if key is None else key
-    state = ftrain.linen_init_state(variables, tx)
-    step = jax.jit(functools.partial(ftrain.linen_train_step, model.apply, tx))
-    for x, y in batches:
-        state, _ = step(state, x, y, key)
-    return state
-
-
-def tree_max_abs_diff(a, b) -> float:
-    leaves = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda u, v: jnp.max(jnp.abs(u - v)), a, b))
-    return float(np.max([float(v) for v in leaves])) if leaves else 0.0
-
-
-# --- the checks (records for the ``distributed`` suite and the tests) -----------------------
-
-TOL = {"logits": 1e-5, "grads": 1e-5, "stats": 1e-6, "train": 1e-5}  # float32; see checks()
+TOL = {name: tolerances.get(f"parallel.{name}") for name in ("logits", "grads", "stats", "train")}
 
 
 def _setup(name: str, batch: int, dropout: float = 0.0):
-    from compare import registry
-
     base = {
         "mlp": registry.get("mlp").replace(in_features=12, hidden=(16, 8)),
         "cnn": registry.get("cnn").replace(in_channels=2, image_size=8, channels=(4, 8), hidden=16, dropout2d=dropout),
@@ -181,164 +37,142 @@ def _setup(name: str, batch: int, dropout: float = 0.0):
     return base, variables, x, y
 
 
-def _record(framework, devices, bn_mode, check, diff, tol):
-    return {
-        "framework": framework,
-        "devices": devices,
-        "bn_mode": bn_mode,
-        "check": check,
-        "max_abs_diff": diff,
-        "tol": tol,
-        "ok": bool(diff <= tol),
-    }
+def _record(framework: str, devices: int, bn_mode: str, check: str, got, want, tol: str) -> dict:
+    d = diffs.tree_diff(got, want)
+    t = TOL[tol]
+    return DistributedRecord(
+        framework=framework,
+        devices=devices,
+        bn_mode=bn_mode,
+        check=check,
+        max_abs_diff=d.max_abs,
+        tol=t.bound(d.scale),
+        ok=t.holds(d.max_abs, d.scale),
+    ).to_dict()
+
+
+def _control(devices: int, check: str, a, b, *, differ: bool) -> dict:
+    """A control record: holds when ``a`` and ``b`` differ by more than 1e-3 (``differ``)
+    or are exactly equal (not ``differ``)."""
+    d = diffs.max_abs(a, b)
+    return DistributedRecord(
+        framework="linen",
+        devices=devices,
+        bn_mode="per_device",
+        check=check,
+        max_abs_diff=d,
+        tol=1e-3 if differ else 0.0,
+        ok=d > 1e-3 if differ else d == 0.0,
+    ).to_dict()
+
+
+def _nnx_from(spec: registry.ModelSpec, variables: dict, bn_axis_name: str | None) -> nnx.Module:
+    model = spec.build_nnx(nnx.Rngs(params=0, dropout=1), bn_axis_name=bn_axis_name)
+    transfer.linen_to_nnx(variables, spec, model)
+    model.train()
+    return model
+
+
+def synchronised(name: str, devices: int) -> list[dict]:
+    """Synchronised BatchNorm equals one device with the global batch (linen and nnx)."""
+    spec, variables, x, y = _setup(name, 8 * devices)
+    key = jax.random.key(0)
+    (_, (ref_logits, ref_stats)), ref_grads = ftrain.linen_loss_and_grads(
+        spec.build_linen().apply, variables["params"], variables["batch_stats"], x, y, key
+    )
+    logits, grads, stats = parallel.linen_forward_backward(
+        spec.build_linen(bn_axis_name=AXIS), variables, x, y, devices, key
+    )
+    ref_every_device = jax.tree_util.tree_map(lambda s: jnp.broadcast_to(s, (devices, *s.shape)), ref_stats)
+    tag = f"{name}: sync BN == one device, global batch"
+    out = [
+        _record("linen", devices, "sync", f"{tag} (logits)", logits, ref_logits, "logits"),
+        _record("linen", devices, "sync", f"{tag} (gradients)", grads, ref_grads, "grads"),
+        _record("linen", devices, "sync", f"{tag} (running stats, every device)", stats, ref_every_device, "stats"),
+    ]
+    n_logits, _, _ = parallel.nnx_forward_backward(_nnx_from(spec, variables, AXIS), x, y, devices)
+    out.append(_record("nnx", devices, "sync", f"{name}: sync BN logits == reference", n_logits, ref_logits, "logits"))
+    return out
+
+
+def per_device(name: str, devices: int) -> list[dict]:
+    """Per-device BatchNorm equals each shard alone, with per-device statistics."""
+    spec, variables, x, y = _setup(name, 8 * devices)
+    key = jax.random.key(0)
+    model = spec.build_linen()
+    shards = zip(jnp.split(x, devices), jnp.split(y, devices), strict=True)
+    alone = [
+        ftrain.linen_loss_and_grads(model.apply, variables["params"], variables["batch_stats"], xs, ys, key)
+        for xs, ys in shards
+    ]
+    alone_logits = jnp.concatenate([a[0][1][0] for a in alone])
+    alone_grads = jax.tree_util.tree_map(lambda *g: sum(g) / devices, *[a[1] for a in alone])
+    alone_stats = jax.tree_util.tree_map(lambda *s: jnp.stack(s), *[a[0][1][1] for a in alone])
+    logits, grads, stats = parallel.linen_forward_backward(model, variables, x, y, devices, key)
+    tag = f"{name}: per-device BN == each shard alone"
+    n_logits, _, _ = parallel.nnx_forward_backward(_nnx_from(spec, variables, None), x, y, devices)
+    return [
+        _record("linen", devices, "per_device", f"{tag} (logits)", logits, alone_logits, "logits"),
+        _record("linen", devices, "per_device", f"{tag} (mean gradients)", grads, alone_grads, "grads"),
+        _record("linen", devices, "per_device", f"{tag} (per-device stats)", stats, alone_stats, "stats"),
+        _record("nnx", devices, "per_device", f"{name}: per_device BN logits == reference", n_logits, alone_logits, "logits"),
+    ]  # fmt: skip
+
+
+def training(name: str, devices: int) -> list[dict]:
+    """Five data-parallel steps with synchronised statistics follow the single-device run."""
+    spec, variables, x, y = _setup(name, 8 * devices)
+    key = jax.random.key(0)
+    tx = optax.sgd(0.1, momentum=0.9)
+    rng = np.random.default_rng(1)
+    batches = [(x + 0.1 * jnp.asarray(rng.standard_normal(x.shape), jnp.float32), y) for _ in range(5)]
+    dp = parallel.linen_train(spec.build_linen(bn_axis_name=AXIS), variables, tx, batches, devices, key)
+    one = parallel.linen_train(spec.build_linen(), variables, tx, batches, 1, key)
+    check = f"{name}: 5 data-parallel steps == one device"
+    out = [
+        _record("linen", devices, "sync", check, (dp.params, dp.batch_stats), (one.params, one.batch_stats), "train")
+    ]
+    dp_model, one_model = _nnx_from(spec, variables, AXIS), _nnx_from(spec, variables, None)
+    dp_opt, one_opt = nnx.Optimizer(dp_model, tx, wrt=nnx.Param), nnx.Optimizer(one_model, tx, wrt=nnx.Param)
+    parallel.nnx_train(dp_model, dp_opt, batches, devices)
+    one_step = nnx.jit(ftrain.nnx_train_step)
+    for bx, by in batches:
+        one_step(one_model, one_opt, bx, by)
+    state = [nnx.to_pure_dict(nnx.state(m, (nnx.Param, nnx.BatchStat))) for m in (dp_model, one_model)]
+    out.append(_record("nnx", devices, "sync", check, *state, "train"))
+    return out
+
+
+def dropout_masks(devices: int) -> list[dict]:
+    """Every device draws its own masks; without ``fold_in(axis_index)`` they are equal (the bug)."""
+    spec, variables, x, y = _setup("mlp", 8 * devices, dropout=0.5)
+    same_x = jnp.tile(x[:8], (devices, 1))  # the same samples on every device
+    model, key = spec.build_linen(), jax.random.key(0)
+    logits, _, _ = parallel.linen_forward_backward(model, variables, same_x, y, devices, key)
+    bug, _, _ = parallel.linen_forward_backward(model, variables, same_x, y, devices, key, fold_device_into_key=False)
+    bug_check = "the bug: without fold_in(axis_index) every device draws the same masks"
+    return [
+        _control(devices, "dropout masks differ between devices (same input)", logits[:8], logits[8:16], differ=True),
+        _control(devices, bug_check, bug[:8], bug[8:16], differ=False),
+    ]
+
+
+def modes_differ(devices: int) -> list[dict]:
+    """The control: per-device and synchronised statistics really give other outputs."""
+    spec, variables, x, y = _setup("mlp", 8 * devices)
+    key = jax.random.key(0)
+    sync = parallel.linen_forward_backward(spec.build_linen(bn_axis_name=AXIS), variables, x, y, devices, key)[0]
+    ghost = parallel.linen_forward_backward(spec.build_linen(), variables, x, y, devices, key)[0]
+    return [_control(devices, "per-device BN differs from synchronised BN", sync, ghost, differ=True)]
 
 
 def checks(devices: int, models=("mlp", "cnn")) -> list[dict]:
-    """Every JAX equivalence of the distributed spec on ``devices`` devices.
-
-    Float32 tolerances: reductions run in another order across shards; measured worst
-    case on CPU with 2-8 devices: logits 1e-6, gradients 1e-6, running statistics 2e-7,
-    5 training steps 3e-7.
-    """
-    import optax
-
+    """Every JAX check of the distributed spec on ``devices`` devices (tolerances: the
+    ``parallel.*`` entries of ``compare.checks.tolerances``)."""
     records = []
-    batch = 8 * devices
     for name in models:
-        spec, variables, x, y = _setup(name, batch)
-        model = spec.build_linen()
-        ref = ftrain.linen_loss_and_grads(
-            model.apply, variables["params"], variables["batch_stats"], x, y, jax.random.key(0)
-        )
-        (_, (ref_logits, ref_stats)), ref_grads = ref
-        # synchronised: equals one device with the global batch
-        logits, grads, stats = linen_forward_backward(spec, variables, x, y, devices, "sync")
-        tag = f"{name}: sync BN == one device, global batch"
-        records += [
-            _record("linen", devices, "sync", f"{tag} (logits)", tree_max_abs_diff(logits, ref_logits), TOL["logits"]),
-            _record("linen", devices, "sync", f"{tag} (gradients)", tree_max_abs_diff(grads, ref_grads), TOL["grads"]),
-            _record(
-                "linen", devices, "sync", f"{tag} (running stats, every device)",
-                max(tree_max_abs_diff(jax.tree_util.tree_map(lambda s, d=d: s[d], stats), ref_stats) for d in range(devices)),
-                TOL["stats"],
-            ),
-        ]  # fmt: skip
-        # per device: equals each shard alone (ghost BatchNorm), with per-device statistics
-        logits, grads, stats = linen_forward_backward(spec, variables, x, y, devices, "per_device")
-        shard = batch // devices
-        alone = [
-            ftrain.linen_loss_and_grads(
-                model.apply, variables["params"], variables["batch_stats"], x[d * shard : (d + 1) * shard],
-                y[d * shard : (d + 1) * shard], jax.random.key(0),
-            )
-            for d in range(devices)
-        ]  # fmt: skip
-        alone_logits = jnp.concatenate([a[0][1][0] for a in alone])
-        alone_grads = jax.tree_util.tree_map(lambda *g: sum(g) / devices, *[a[1] for a in alone])
-        alone_stats = jax.tree_util.tree_map(lambda *s: jnp.stack(s), *[a[0][1][1] for a in alone])
-        tag = f"{name}: per-device BN == each shard alone"
-        records += [
-            _record(
-                "linen",
-                devices,
-                "per_device",
-                f"{tag} (logits)",
-                tree_max_abs_diff(logits, alone_logits),
-                TOL["logits"],
-            ),
-            _record(
-                "linen",
-                devices,
-                "per_device",
-                f"{tag} (mean gradients)",
-                tree_max_abs_diff(grads, alone_grads),
-                TOL["grads"],
-            ),
-            _record(
-                "linen",
-                devices,
-                "per_device",
-                f"{tag} (per-device stats)",
-                tree_max_abs_diff(stats, alone_stats),
-                TOL["stats"],
-            ),
-        ]
-        # nnx, both modes
-        for bn_mode in ("sync", "per_device"):
-            nnx_model = spec.build_nnx(nnx.Rngs(0), bn_axis_name=AXIS if bn_mode == "sync" else None)
-            nnx.update(nnx_model, nnx.state(_linen_into_nnx(spec, variables)))
-            n_logits, _, _ = nnx_forward_backward(spec, nnx.split(nnx_model), x, y, devices, bn_mode)
-            want = ref_logits if bn_mode == "sync" else alone_logits
-            records.append(
-                _record(
-                    "nnx",
-                    devices,
-                    bn_mode,
-                    f"{name}: {bn_mode} BN logits == reference",
-                    tree_max_abs_diff(n_logits, want),
-                    TOL["logits"],
-                )
-            )
-        # a data-parallel training run follows the single-device one
-        tx = optax.sgd(0.1, momentum=0.9)
-        rng = np.random.default_rng(1)
-        batches = [(x + 0.1 * jnp.asarray(rng.standard_normal(x.shape), jnp.float32), y) for _ in range(5)]
-        dp = dp_train(spec, variables, tx, batches, devices)
-        single = single_device_train(spec, variables, tx, batches)
-        diff = max(tree_max_abs_diff(dp.params, single.params), tree_max_abs_diff(dp.batch_stats, single.batch_stats))
-        records.append(
-            _record("linen", devices, "sync", f"{name}: 5 data-parallel steps == one device", diff, TOL["train"])
-        )
-        dp_model = _linen_into_nnx_with(spec, variables, bn_axis_name=AXIS)
-        one_model = _linen_into_nnx_with(spec, variables, bn_axis_name=None)
-        dp_opt, one_opt = nnx.Optimizer(dp_model, tx, wrt=nnx.Param), nnx.Optimizer(one_model, tx, wrt=nnx.Param)
-        nnx_dp_train(dp_model, dp_opt, batches, devices)
-        one_step = nnx.jit(ftrain.nnx_train_step)
-        for bx, by in batches:
-            one_step(one_model, one_opt, bx, by)
-        diff = tree_max_abs_diff(
-            nnx.to_pure_dict(nnx.state(dp_model, (nnx.Param, nnx.BatchStat))),
-            nnx.to_pure_dict(nnx.state(one_model, (nnx.Param, nnx.BatchStat))),
-        )
-        records.append(
-            _record("nnx", devices, "sync", f"{name}: 5 data-parallel steps == one device", diff, TOL["train"])
-        )
-    # every device draws its own dropout masks
-    spec, variables, x, y = _setup("mlp", 8 * devices, dropout=0.5)
-    same_x = jnp.tile(x[:8], (devices, 1))  # the same samples on every device
-    logits, _, _ = linen_forward_backward(spec, variables, same_x, y, devices, "per_device")
-    spread = float(jnp.max(jnp.abs(logits[:8] - logits[8:16])))
-    records.append(
-        {
-            **_record("linen", devices, "per_device", "dropout masks differ between devices (same input)", 0.0, 0.0),
-            "max_abs_diff": spread,
-            "ok": spread > 1e-3,
-        }
-    )
-    logits, _, _ = linen_forward_backward(spec, variables, same_x, y, devices, "per_device", fold_device_into_key=False)
-    spread = float(jnp.max(jnp.abs(logits[:8] - logits[8:16])))
-    records.append(
-        _record(
-            "linen",
-            devices,
-            "per_device",
-            "the bug: without fold_in(axis_index) every device draws the same masks",
-            spread,
-            0.0,
-        )
-    )
-    # the two modes really differ (otherwise the checks above would prove nothing)
-    spec, variables, x, y = _setup("mlp", 8 * devices)
-    sync_logits = linen_forward_backward(spec, variables, x, y, devices, "sync")[0]
-    ghost_logits = linen_forward_backward(spec, variables, x, y, devices, "per_device")[0]
-    records.append(
-        {
-            **_record("linen", devices, "per_device", "per-device BN differs from synchronised BN", 0.0, 0.0),
-            "max_abs_diff": tree_max_abs_diff(sync_logits, ghost_logits),
-            "ok": tree_max_abs_diff(sync_logits, ghost_logits) > 1e-3,
-        }
-    )
-    return records
+        records += synchronised(name, devices) + per_device(name, devices) + training(name, devices)
+    return records + dropout_masks(devices) + modes_differ(devices)
 
 
 def run_in_subprocess(device_counts=(2, 4, 8), timeout: int = 600) -> list[dict]:
@@ -354,33 +188,12 @@ def run_in_subprocess(device_counts=(2, 4, 8), timeout: int = 600) -> list[dict]
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={max(device_counts)}",
         "JAX_PLATFORMS": "cpu",
     }
-    cmd = [sys.executable, "-m", "compare.checks.parallel_jax", *map(str, device_counts)]
+    code = (
+        "import json, sys; from compare.checks.parallel_jax import checks; "
+        f"print(json.dumps([r for d in {tuple(device_counts)!r} for r in checks(d)]))"
+    )
+    cmd = [sys.executable, "-c", code]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"the data-parallel checks on {device_counts} devices failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _linen_into_nnx(spec: ModelSpec, variables: dict) -> nnx.Module:
-    from compare import transfer
-
-    return transfer.linen_to_nnx(variables, spec)
-
-
-def _linen_into_nnx_with(spec: ModelSpec, variables: dict, **fields) -> nnx.Module:
-    from compare import transfer
-
-    model = spec.build_nnx(nnx.Rngs(params=0, dropout=1), **fields)
-    transfer.linen_to_nnx(variables, spec, model)
-    model.train()
-    return model
-
-
-if __name__ == "__main__":
-    import json
-    import sys
-
-    out = []
-    for count in map(int, sys.argv[1:] or ["2", "4", "8"]):
-        out += checks(count)
-    print(json.dumps(out))

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from compare.records import SpecRecord
+
 TESTS = Path(__file__).resolve().parents[2] / "tests"
 
 
@@ -53,7 +55,7 @@ class _Collector:
             else:
                 message = str(report.longrepr).strip().splitlines()
                 ok, detail = False, f"{report.nodeid}: {message[-1] if message else 'failed'}"
-            self.records.append({"id": fact_id, "framework": framework, "ok": ok, "detail": detail})
+            self.records.append(SpecRecord(id=fact_id, framework=framework, ok=ok, detail=detail).to_dict())
             if self.progress:
                 self.progress(fact_id, len(self.facts))
 

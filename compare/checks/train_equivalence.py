@@ -20,25 +20,15 @@ from flax import nnx
 
 import flaxbn.train as ftrain
 import torchbn.train as ttrain
-from compare import masks, optimizers, transfer
-from compare.checks import equivalence
+from compare import conventions, masks, optimizers, transfer
+from compare.checks import diffs, equivalence, tolerances
+from compare.records import TrainEquivalenceRecord
 from compare.registry import ModelSpec, get
 
-# One train-mode step, CPU float32, measured on torch 2.13 / jax 0.10.2 (mlp and cnn, seeds 0-2):
-# logits <= 1.2e-6 abs, gradients <= 2.1e-6 relative (max |diff| / max |torch grad| per
-# tensor), running statistics <= 2.4e-7 abs with bn_semantics="torch".
-LOGITS_TOL = 1e-5
-GRAD_RTOL = 1e-5
-STATS_TOL = 1e-6
-# 200 SGD steps with dropout active: float32 rounding compounds but stays small; measured
-# max relative parameter difference 1.3e-5 (mlp) and 1.6e-5 (cnn) at step 200.
-TRAJECTORY_RTOL = 1e-3
-
-
-def rel_diff(a: np.ndarray, b: np.ndarray, floor: float = 1e-30) -> float:
-    """max |a - b| / max(max |b|, floor): normwise, so near-zero entries do not blow it up."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), floor))
+LOGITS = tolerances.get("train.logits")
+GRADS = tolerances.get("train.grads")
+STATS = tolerances.get("train.stats")
+TRAJECTORY_FLOAT64 = tolerances.get("train.trajectory_float64")
 
 
 @dataclasses.dataclass
@@ -54,7 +44,7 @@ class Setup:
 
     @property
     def flax_x(self) -> jax.Array:
-        return jnp.asarray(equivalence.to_flax_input(self.x))
+        return jnp.asarray(conventions.to_flax_input(self.x))
 
 
 def setup(spec: ModelSpec | str, seed: int = 0, batch: int = 32, dtype: str = "float32") -> Setup:
@@ -124,16 +114,20 @@ def one_step(spec: ModelSpec | str, api: str, *, bn_semantics: str = "torch", se
     # subtracted): both sides give rounding noise (~1e-10). So each tensor's scale is
     # floored at 1% of the largest gradient entry of the model.
     floor = 1e-2 * max(float(np.max(np.abs(g))) for g in torch_out["grads"].values())
-    grad_rel = {k: rel_diff(flax_out["grads"][k], torch_out["grads"][k], floor) for k in torch_out["grads"]}
+    grad_rel = {k: diffs.max_rel(flax_out["grads"][k], torch_out["grads"][k], floor) for k in torch_out["grads"]}
     stats_keys = [k for k in torch_out["buffers"] if "running" in k]
+    logits = diffs.tree_diff(flax_out["logits"], torch_out["logits"])
+    stats = diffs.tree_diff(
+        {k: flax_out["buffers"][k] for k in stats_keys}, {k: torch_out["buffers"][k] for k in stats_keys}
+    )
     return {
-        "logits_max_abs_diff": float(np.max(np.abs(flax_out["logits"] - torch_out["logits"]))),
-        "logits_max_rel_diff": rel_diff(flax_out["logits"], torch_out["logits"]),
+        "logits_max_abs_diff": logits.max_abs,
+        "logits_max_rel_diff": logits.max_rel,
+        "logits_scale": logits.scale,
         "grad_max_rel_diff": max(grad_rel.values()),
         "grad_rel_diff": grad_rel,
-        "stats_max_abs_diff": max(
-            float(np.max(np.abs(flax_out["buffers"][k] - torch_out["buffers"][k]))) for k in stats_keys
-        ),
+        "stats_max_abs_diff": stats.max_abs,
+        "stats_scale": stats.scale,
         "counters_equal": all(
             int(flax_out["buffers"][k]) == int(torch_out["buffers"][k])
             for k in torch_out["buffers"]
@@ -189,11 +183,11 @@ def _trajectory(spec: ModelSpec, api: str, steps: int, seed: int, batch: int, op
                 torch_loss = float(
                     ttrain.train_step(s.torch_model, torch_opt, torch.from_numpy(x), torch.from_numpy(y))
                 )
-            flax_loss = flax_side.step(jnp.asarray(equivalence.to_flax_input(x)), jnp.asarray(y), step_masks)
+            flax_loss = flax_side.step(jnp.asarray(conventions.to_flax_input(x)), jnp.asarray(y), step_masks)
             torch_sd = {k: v.numpy() for k, v in s.torch_model.state_dict().items() if "num_batches" not in k}
             flax_sd = flax_side.state_dict()
             loss_diff.append(abs(flax_loss - torch_loss))
-            param_diff.append(max(rel_diff(flax_sd[k].numpy(), torch_sd[k]) for k in torch_sd))
+            param_diff.append(max(diffs.max_rel(flax_sd[k].numpy(), torch_sd[k]) for k in torch_sd))
     return {"loss_diff": loss_diff, "param_rel_diff": param_diff}
 
 
@@ -259,9 +253,6 @@ def _torch_dtype(x: np.ndarray) -> torch.dtype:
     return torch.float64 if x.dtype == np.float64 else torch.float32
 
 
-TRAJECTORY_FLOAT64_TOL = 1e-10  # measured 7e-14 (mlp) and 5e-14 (cnn) at step 200
-
-
 def record(name: str, api: str, *, steps: int = 200, seed: int = 0) -> dict:
     """The train-mode ``equivalence`` record of one model and Flax API: one step in
     float32 (logits, gradients, statistics) and ``steps``-step trajectories in float64
@@ -270,32 +261,33 @@ def record(name: str, api: str, *, steps: int = 200, seed: int = 0) -> dict:
     f64 = trajectory(name, api, steps=steps, seed=seed, dtype="float64")
     f32 = trajectory(name, api, steps=steps, seed=seed, dtype="float32")
     f64_max = max(f64["param_rel_diff"])
-    first_above = next((i + 1 for i, d in enumerate(f32["param_rel_diff"]) if d > 1e-4), None)
     ok = (
-        r["logits_max_abs_diff"] <= LOGITS_TOL
-        and r["grad_max_rel_diff"] <= GRAD_RTOL
-        and r["stats_max_abs_diff"] <= STATS_TOL
+        LOGITS.holds(r["logits_max_abs_diff"], r["logits_scale"])
+        and GRADS.holds(r["grad_max_rel_diff"], 1.0)
+        and STATS.holds(r["stats_max_abs_diff"], r["stats_scale"])
         and r["counters_equal"]
-        and f64_max <= TRAJECTORY_FLOAT64_TOL
+        and TRAJECTORY_FLOAT64.holds(f64_max, 1.0)
     )
-    return {
-        "model": get(name).name,
-        "flax_api": api,
-        "mode": "train",
-        "dtype": "float32",
-        "max_abs_diff": r["logits_max_abs_diff"],
-        "max_rel_diff": r["logits_max_rel_diff"],
-        "tol": LOGITS_TOL,
-        "ok": bool(ok),
-        "grad_max_rel_diff": r["grad_max_rel_diff"],
-        "grad_rtol": GRAD_RTOL,
-        "stats_max_abs_diff": r["stats_max_abs_diff"],
-        "stats_tol": STATS_TOL,
-        "trajectory_steps": steps,
-        "trajectory_float64_max_rel_diff": f64_max,
-        "trajectory_float64_tol": TRAJECTORY_FLOAT64_TOL,
-        "trajectory_float32_final_rel_diff": f32["param_rel_diff"][-1],
-        "trajectory_float32_first_step_above_1e-4": first_above,
-        "divergence_float64": f64["param_rel_diff"],
-        "divergence_float32": f32["param_rel_diff"],
-    }
+    return TrainEquivalenceRecord(
+        model=get(name).name,
+        flax_api=api,
+        mode="train",
+        dtype="float32",
+        max_abs_diff=r["logits_max_abs_diff"],
+        max_rel_diff=r["logits_max_rel_diff"],
+        tol=LOGITS.bound(r["logits_scale"]),
+        ok=bool(ok),
+        grad_max_rel_diff=r["grad_max_rel_diff"],
+        grad_rtol=GRADS.rtol,
+        stats_max_abs_diff=r["stats_max_abs_diff"],
+        stats_tol=STATS.bound(r["stats_scale"]),
+        trajectory_steps=steps,
+        trajectory_float64_max_rel_diff=f64_max,
+        trajectory_float64_tol=TRAJECTORY_FLOAT64.rtol,
+        trajectory_float32_final_rel_diff=f32["param_rel_diff"][-1],
+        trajectory_float32_first_step_above_1e_4=next(
+            (i + 1 for i, d in enumerate(f32["param_rel_diff"]) if d > 1e-4), None
+        ),
+        divergence_float64=f64["param_rel_diff"],
+        divergence_float32=f32["param_rel_diff"],
+    ).to_dict()

@@ -1,28 +1,17 @@
-"""The training comparison: the classic BatchNorm and Dropout claims, measured the same
-way in PyTorch and Flax (linen).
+"""The training runs of the ``train`` suite, the same way in PyTorch and Flax (linen);
+``compare.experiments.claims`` turns their records into verdicts.
 
 Every run starts both frameworks from the *same* weights (the torch initialisation,
 transferred) and feeds them the same batches in the same order (``compare.experiments.data.batches``).
 Only the dropout masks differ (each framework draws its own; ``compare.masks`` exists for
 exact comparisons, but here each framework trains as its users would run it). Flax uses
 its stock BatchNorm statistics with torch's momentum (0.9 in Flax's direction).
-
-* BatchNorm claim: mlp and cnn, with and without BatchNorm, over a learning-rate sweep
-  (SGD, momentum 0.9, no dropout). It holds for a model when BatchNorm trains stably at
-  every learning rate where the plain network does, and at a higher one or faster
-  (fewer steps to the target test accuracy).
-* Dropout claim: mlp and cnn *without* BatchNorm (the setting of the Dropout paper, and
-  BatchNorm regularises too, which would hide the effect) with p = 0, 0.2, 0.5, trained
-  long enough to overfit, over two seeds. It holds when the generalisation gap (test loss
-  - train loss, both in eval mode, averaged over the last 5 epochs and the seeds) shrinks
-  as p grows.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 import time
 from collections.abc import Callable
@@ -36,11 +25,11 @@ import torch
 import flaxbn.train as ftrain
 import torchbn.train as ttrain
 from compare import registry, transfer
-from compare.conventions import nchw_to_nhwc
+from compare.conventions import to_flax_input
 from compare.experiments import data as datalib
+from compare.records import TrainRecord
 
 DIVERGED_LOSS = 1e3  # a training loss above this (or not finite) ends the run as diverged
-STABLE_ACCURACY = 0.5  # a run that did not diverge and ends above this trained "stably"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +114,7 @@ def _torch_run(spec, ds, cfg: RunConfig, init: dict, target: float) -> dict:
     torch.manual_seed(cfg.seed)  # dropout masks
     model = spec.build_torch()
     model.load_state_dict(init)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
+    opt = ttrain.sgd(model, lr=cfg.lr, momentum=0.9)
     x_train, x_test = _inputs(spec, ds.x_train), _inputs(spec, ds.x_test)
 
     def evaluate(x, y):
@@ -152,7 +141,7 @@ def _linen_fns(spec: registry.ModelSpec):
     """Jitted train and eval functions per architecture; the learning rate lives in the
     optimizer state (``inject_hyperparams``), so a sweep over it compiles once."""
     model = spec.build_linen()
-    tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)
+    tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)  # ftrain.sgd, lr injectable
     step = jax.jit(functools.partial(ftrain.linen_train_step, model.apply, tx), donate_argnums=0)
 
     @jax.jit
@@ -168,28 +157,34 @@ def _linen_run(spec, ds, cfg: RunConfig, init: dict, target: float) -> dict:
     variables = transfer.torch_to_linen(init, spec)
     state = ftrain.linen_init_state(variables, tx)
     state.opt_state.hyperparams["learning_rate"] = jnp.asarray(cfg.lr, jnp.float32)
-    key = jax.random.key(cfg.seed)
-
-    def flax_x(x):
-        return jnp.asarray(nchw_to_nhwc(x) if x.ndim == 4 else x)
-
-    x_train, x_test = _inputs(spec, ds.x_train), _inputs(spec, ds.x_test)
-    xs_train, xs_test = flax_x(x_train), flax_x(x_test)
-    ys_train, ys_test = jnp.asarray(ds.y_train), jnp.asarray(ds.y_test)
-    holder = {"state": state}
+    run = _LinenRun(step, evaluate, state, jax.random.key(cfg.seed))
+    x_train = jnp.asarray(to_flax_input(_inputs(spec, ds.x_train)))
+    x_test = jnp.asarray(to_flax_input(_inputs(spec, ds.x_test)))
+    y_train, y_test = jnp.asarray(ds.y_train), jnp.asarray(ds.y_test)
 
     def train_epoch(epoch):
-        losses = []
-        for idx in datalib.batches(len(x_train), cfg.batch_size, cfg.seed, epoch):
-            holder["state"], loss = step(holder["state"], flax_x(x_train[idx]), jnp.asarray(ds.y_train[idx]), key)
-            losses.append(loss)
-        return [float(v) for v in losses]
+        idxs = datalib.batches(len(ds.x_train), cfg.batch_size, cfg.seed, epoch)
+        return [run.step(x_train[idx], y_train[idx]) for idx in idxs]
 
-    def ev(x, y):
-        loss, acc = evaluate(holder["state"].params, holder["state"].batch_stats, x, y)
+    return _loop(
+        cfg, ds, train_epoch, lambda: run.evaluate(x_train, y_train), lambda: run.evaluate(x_test, y_test), target
+    )
+
+
+class _LinenRun:
+    """A linen run's state between steps: the functional step returns the new state,
+    which this object keeps (the run is sequential; the step itself stays pure)."""
+
+    def __init__(self, step, evaluate, state: ftrain.LinenState, key: jax.Array):
+        self._step, self._evaluate, self.state, self.key = step, evaluate, state, key
+
+    def step(self, x: jax.Array, y: jax.Array) -> float:
+        self.state, loss = self._step(self.state, x, y, self.key)
+        return float(loss)
+
+    def evaluate(self, x: jax.Array, y: jax.Array) -> tuple[float, float]:
+        loss, acc = self._evaluate(self.state.params, self.state.batch_stats, x, y)
         return float(loss), float(acc)
-
-    return _loop(cfg, ds, train_epoch, lambda: ev(xs_train, ys_train), lambda: ev(xs_test, ys_test), target)
 
 
 def _loop(cfg: RunConfig, ds, train_epoch: Callable, eval_train: Callable, eval_test: Callable, target: float) -> dict:
@@ -231,20 +226,20 @@ def run_one(cfg: RunConfig, ds: datalib.Dataset, frameworks=("torch", "linen"), 
     for fw in frameworks:
         result = (_torch_run if fw == "torch" else _linen_run)(spec, ds, cfg, init, target)
         records.append(
-            {
-                "claim": cfg.claim,
-                "model": cfg.model,
-                "framework": fw,
-                "dataset": ds.name,
-                "use_bn": cfg.use_bn,
-                "dropout": cfg.dropout,
-                "lr": cfg.lr,
-                "epochs": cfg.epochs,
-                "batch_size": cfg.batch_size,
-                "seed": cfg.seed,
-                "target_accuracy": target,
+            TrainRecord(
+                claim=cfg.claim,
+                model=cfg.model,
+                framework=fw,
+                dataset=ds.name,
+                use_bn=cfg.use_bn,
+                dropout=cfg.dropout,
+                lr=cfg.lr,
+                epochs=cfg.epochs,
+                batch_size=cfg.batch_size,
+                seed=cfg.seed,
+                target_accuracy=target,
                 **result,
-            }
+            ).to_dict()
         )
     return records
 
@@ -256,100 +251,3 @@ def run(grid: Grid, ds: datalib.Dataset, progress: Callable | None = None) -> li
         if progress:
             progress(f"{cfg.claim}: {cfg.model} bn={cfg.use_bn} p={cfg.dropout} lr={cfg.lr}")
     return records
-
-
-# --- the claims --------------------------------------------------------------------------
-
-
-def _stable(r: dict) -> bool:
-    return not r["diverged"] and r["final_test_acc"] >= STABLE_ACCURACY
-
-
-def batchnorm_claim(records: list[dict], model: str, framework: str) -> dict:
-    rs = [r for r in records if r["claim"] == "batchnorm" and r["model"] == model and r["framework"] == framework]
-    by = {(r["use_bn"], r["lr"]): r for r in rs}
-    lrs = sorted({r["lr"] for r in rs})
-    stable_bn = [lr for lr in lrs if _stable(by[(True, lr)])]
-    stable_plain = [lr for lr in lrs if _stable(by[(False, lr)])]
-    both = [lr for lr in lrs if lr in stable_bn and lr in stable_plain]
-    never = 10**9
-
-    def mean_steps(bn):
-        return float(np.mean([by[(bn, lr)]["steps_to_target"] or never for lr in both])) if both else None
-
-    higher = bool(set(stable_bn) > set(stable_plain))
-    faster = bool(both) and mean_steps(True) < mean_steps(False)
-    holds = set(stable_plain) <= set(stable_bn) and (higher or faster)
-    detail = (
-        f"stable learning rates with BN {stable_bn}, without {stable_plain}; "
-        f"diverged without BN at {[lr for lr in lrs if by[(False, lr)]['diverged']]}, with BN at "
-        f"{[lr for lr in lrs if by[(True, lr)]['diverged']]}; final test accuracy with/without BN per lr: "
-        + ", ".join(
-            f"{lr}: {by[(True, lr)]['final_test_acc']:.3f}/{by[(False, lr)]['final_test_acc']:.3f}" for lr in lrs
-        )
-    )
-    return {"claim": "batchnorm", "model": model, "framework": framework, "holds": holds, "detail": detail}
-
-
-GAP_EPOCHS = 5
-
-
-def generalisation_gap(r: dict) -> float:
-    """test loss - train loss (eval mode), averaged over the last ``GAP_EPOCHS`` epochs."""
-    c = r["curves"]
-    if r["diverged"] or not c["test_loss"]:
-        return float("nan")
-    return float(np.mean(np.subtract(c["test_loss"], c["train_loss"])[-GAP_EPOCHS:]))
-
-
-def dropout_claim(records: list[dict], model: str, framework: str) -> dict:
-    rs = [r for r in records if r["claim"] == "dropout" and r["model"] == model and r["framework"] == framework]
-    ps = sorted({r["dropout"] for r in rs})
-    gaps = [(p, float(np.mean([generalisation_gap(r) for r in rs if r["dropout"] == p]))) for p in ps]
-    values = [g for _, g in gaps]
-    monotone = all(a > b for a, b in itertools.pairwise(values))
-    holds = bool(values) and values[-1] < values[0] and monotone
-    detail = f"generalisation gap (test - train loss, last {GAP_EPOCHS} epochs, mean of seeds) by p: " + ", ".join(
-        f"{p}: {g:.3f}" for p, g in gaps
-    )
-    if values and values[-1] < values[0] and not monotone:
-        detail += " (smaller at the largest p, but not monotone)"
-    return {"claim": "dropout", "model": model, "framework": framework, "holds": holds, "detail": detail}
-
-
-def claims(records: list[dict]) -> list[dict]:
-    out = []
-    for fw in sorted({r["framework"] for r in records}):
-        for model in sorted({r["model"] for r in records}):
-            if any(r["claim"] == "batchnorm" and r["model"] == model for r in records):
-                out.append(batchnorm_claim(records, model, fw))
-            if any(r["claim"] == "dropout" and r["model"] == model for r in records):
-                out.append(dropout_claim(records, model, fw))
-    return out
-
-
-def framework_agreement(records: list[dict]) -> list[dict]:
-    """Per run: the final test accuracy of each framework and their difference."""
-    runs: dict[tuple, dict] = {}
-    for r in records:
-        key = (r["claim"], r["model"], r["use_bn"], r["dropout"], r["lr"], r["seed"])
-        runs.setdefault(key, {})[r["framework"]] = r
-    rows = []
-    for (claim, model, use_bn, dropout, lr, seed), by_fw in runs.items():
-        if {"torch", "linen"} <= set(by_fw):
-            a, b = by_fw["torch"]["final_test_acc"], by_fw["linen"]["final_test_acc"]
-            rows.append(
-                {
-                    "claim": claim,
-                    "model": model,
-                    "use_bn": use_bn,
-                    "dropout": dropout,
-                    "lr": lr,
-                    "seed": seed,
-                    "torch_test_acc": a,
-                    "linen_test_acc": b,
-                    "acc_diff": abs(a - b) if math.isfinite(a) and math.isfinite(b) else None,
-                    "both_diverged": by_fw["torch"]["diverged"] and by_fw["linen"]["diverged"],
-                }
-            )
-    return rows

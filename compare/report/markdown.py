@@ -1,53 +1,26 @@
-"""``report.md`` and the console table: the same results, readable."""
+"""``report.md``: the results as readable tables, with the plots. Columns come from the
+record dataclasses of ``compare.records``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
-EQUIVALENCE_COLUMNS = ("model", "flax_api", "mode", "dtype", "max_abs_diff", "max_rel_diff", "tol", "ok")
-TRAIN_COLUMNS = (
-    "model",
-    "flax_api",
-    "max_abs_diff",
-    "grad_max_rel_diff",
-    "stats_max_abs_diff",
-    "trajectory_float64_max_rel_diff",
-    "trajectory_float32_final_rel_diff",
-    "trajectory_float32_first_step_above_1e-4",
-    "ok",
-)
-SPEC_COLUMNS = ("id", "framework", "ok", "detail")
-BENCH_COLUMNS = (
-    "model",
-    "dtype",
-    "batch_size",
-    "impl",
-    "step_ms_median",
-    "step_ms_p10",
-    "step_ms_p90",
-    "samples_per_s",
-    "compile_s",
-    "peak_mem_bytes",
-    "tflops_per_s",
-    "mfu",
-)
-SPEEDUP_COLUMNS = (
-    "model",
-    "dtype",
-    "batch_size",
-    "best_jax",
-    "best_torch",
-    "jax_samples_per_s",
-    "torch_samples_per_s",
-    "speedup",
+from compare.bench.sweep import speedups
+from compare.records import (
+    Agreement,
+    BenchRecord,
+    Claim,
+    DistributedRecord,
+    EquivalenceRecord,
+    SpecRecord,
+    Speedup,
+    TrainEquivalenceRecord,
+    TrainRecord,
 )
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
     if isinstance(value, bool):
         return "ok" if value else "**FAIL**"
     if value is None:
@@ -58,8 +31,9 @@ def _fmt(value: Any) -> str:
 
 
 def _md_table(columns: tuple[str, ...], rows: list[dict]) -> list[str]:
+    """A markdown table of ``rows`` (dicts) with ``columns``."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|") for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(r.get(c)).replace("|", "\\|") for c in columns) + " |" for r in rows]
     return lines
 
 
@@ -73,7 +47,7 @@ def _equivalence_md(records: list[dict], out: Path | None) -> list[str]:
             "",
             "`max_abs_diff` is max |torch - flax| over the logits; `max_rel_diff` is that over max |torch|.",
             "",
-            *_md_table(EQUIVALENCE_COLUMNS, evals),
+            *_md_table(EquivalenceRecord.columns(), evals),
             "",
         ]
         for r in evals:
@@ -94,7 +68,7 @@ def _equivalence_md(records: list[dict], out: Path | None) -> list[str]:
             "discrete decision (a ReLU input or a max-pool tie within rounding) flips, after which",
             "the runs separate (recorded, not checked).",
             "",
-            *_md_table(TRAIN_COLUMNS, trains),
+            *_md_table(TrainEquivalenceRecord.columns(), trains),
             "",
         ]
         if out is not None and (out / "train_divergence.png").exists():
@@ -103,8 +77,6 @@ def _equivalence_md(records: list[dict], out: Path | None) -> list[str]:
 
 
 def _bench_md(results: dict[str, Any], out: Path | None) -> list[str]:
-    from compare.bench.sweep import speedups
-
     records = results["bench"]
     settings = results["meta"].get("bench_settings", {})
     lines = [
@@ -112,19 +84,14 @@ def _bench_md(results: dict[str, Any], out: Path | None) -> list[str]:
         "",
         "Speed-up of the best JAX implementation over the best PyTorch one (samples/s):",
         "",
-        *_md_table(SPEEDUP_COLUMNS, speedups(records)),
+        *_md_table(Speedup.columns(), speedups(records)),
         "",
         "Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items() if k != "skipped"),
         "",
     ]
     for what, why in settings.get("skipped", {}).items():
         lines.append(f"* not run: `{what}`: {why}")
-    if records and records[0]["device"] == "cpu":
-        from compare.bench.sweep import CPU_FINDINGS
-
-        lines += ["", "Where JAX loses on CPU, and why (profiled on a 2-core x86_64 machine):", ""]
-        lines += [f"* {finding}" for finding in CPU_FINDINGS]
-    lines += ["", *_md_table(BENCH_COLUMNS, records), ""]
+    lines += ["", *_md_table(BenchRecord.columns(), records), ""]
     for png, caption in [
         ("bench_throughput.png", "throughput against batch size"),
         ("bench_compile_vs_steady.png", "compile and steady state"),
@@ -134,25 +101,6 @@ def _bench_md(results: dict[str, Any], out: Path | None) -> list[str]:
     return lines
 
 
-TRAIN_COLUMNS_MD = (
-    "claim",
-    "model",
-    "framework",
-    "use_bn",
-    "dropout",
-    "lr",
-    "seed",
-    "epochs",
-    "final_train_loss",
-    "final_train_acc",
-    "final_test_loss",
-    "final_test_acc",
-    "steps_to_target",
-    "diverged",
-    "wall_s",
-)
-
-
 def _train_md(results: dict[str, Any], out: Path | None) -> list[str]:
     summary = results["meta"].get("train_summary", {})
     records = results["train"]
@@ -160,13 +108,8 @@ def _train_md(results: dict[str, Any], out: Path | None) -> list[str]:
     lines = [
         f"## Training comparison on {dataset}: do the classic claims hold, in both frameworks?",
         "",
-        "| claim | model | framework | holds | numbers |",
-        "|---|---|---|---|---|",
+        *_md_table(Claim.columns(), summary.get("claims", [])),
     ]
-    for c in summary.get("claims", []):
-        lines.append(
-            f"| {c['claim']} | {c['model']} | {c['framework']} | {'yes' if c['holds'] else 'no'} | {c['detail']} |"
-        )
     lines += [
         "",
         "Both frameworks start from the same weights and see the same batches; only the dropout masks differ.",
@@ -177,10 +120,7 @@ def _train_md(results: dict[str, Any], out: Path | None) -> list[str]:
         lines += [
             "Final test accuracy, torch against linen, per run:",
             "",
-            *_md_table(
-                ("claim", "model", "use_bn", "dropout", "lr", "seed", "torch_test_acc", "linen_test_acc", "acc_diff"),
-                agreement,
-            ),
+            *_md_table(Agreement.columns(), agreement),
             "",
         ]
     for png, caption in [
@@ -190,11 +130,33 @@ def _train_md(results: dict[str, Any], out: Path | None) -> list[str]:
     ]:
         if out is not None and (out / png).exists():
             lines += [f"![{caption}]({png})", ""]
-    lines += ["All runs:", "", *_md_table(TRAIN_COLUMNS_MD, records), ""]
+    lines += ["All runs:", "", *_md_table(TrainRecord.columns(), records), ""]
     return lines
 
 
-def markdown(results: dict[str, Any], out: Path | None = None) -> str:
+def _setting_lines(meta: dict[str, Any]) -> list[str]:
+    """The short header of what it takes to rerun: commit, machine, threads, flags
+    (meta of runs older than schema 2 lacks them: shown as '-')."""
+    commit = meta.get("git_commit")
+    commit = "-" if commit is None else f"{commit[:12]}{' (dirty tree)' if meta.get('git_dirty') else ''}"
+    env = {k: v for k, v in (meta.get("env") or {}).items() if v is not None}
+    lines = [
+        f"* commit {commit}, compare {meta.get('compare_version', '-')}, results schema {meta.get('schema_version', 1)}",
+        f"* machine: {meta.get('cpu_model', '-')}, {meta.get('cpu_count', '-')} cores, {meta.get('platform', '-')};"
+        f" torch threads {meta.get('torch_num_threads', '-')}",
+        "* environment: " + (", ".join(f"`{k}={v}`" for k, v in env.items()) or "no thread or XLA variables set"),
+        "* jax config: " + ", ".join(f"{k} = {v}" for k, v in (meta.get("jax_config") or {}).items()),
+    ]
+    if meta.get("gpu"):
+        lines.append(
+            f"* GPU: {meta['gpu']}, CUDA {meta.get('cuda_version')}, cuDNN {meta.get('cudnn_version')},"
+            f" driver {meta.get('nvidia_driver')}"
+        )
+    return lines
+
+
+def render(results: dict[str, Any], out: Path | None = None) -> str:
+    """The whole report.md for a results.json object; ``out`` is where the plots are."""
     meta = results["meta"]
     lines = [
         "# compare.run report",
@@ -204,6 +166,8 @@ def markdown(results: dict[str, Any], out: Path | None = None) -> str:
         "python {python}, numpy {numpy}, torch {torch}, jax {jax}, jaxlib {jaxlib}, flax {flax}, optax {optax}".format(
             **meta
         ),
+        "",
+        *_setting_lines(meta),
         "",
     ]
     if "equivalence" in results:
@@ -216,10 +180,7 @@ def markdown(results: dict[str, Any], out: Path | None = None) -> str:
         lines += [
             "## Data parallelism: BatchNorm statistics across devices (correctness, CPU-simulated devices)",
             "",
-            *_md_table(
-                ("framework", "devices", "bn_mode", "check", "max_abs_diff", "tol", "ok", "detail"),
-                results["distributed"],
-            ),
+            *_md_table(DistributedRecord.columns(), results["distributed"]),
             "",
         ]
     if "spec" in results:
@@ -231,43 +192,7 @@ def markdown(results: dict[str, Any], out: Path | None = None) -> str:
             "",
             f"{passed} of {len(facts)} hold, {len(facts) - passed - skipped} do not, {skipped} could not be checked here.",
             "",
-            *_md_table(SPEC_COLUMNS, facts),
+            *_md_table(SpecRecord.columns(), facts),
             "",
         ]
     return "\n".join(lines) + "\n"
-
-
-def console(results: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
-    for key, columns, title in [
-        ("equivalence", EQUIVALENCE_COLUMNS, "equivalence (torch vs Flax, same weights)"),
-        ("spec", ("id", "framework", "ok"), "spec facts on the installed versions"),
-        (
-            "bench",
-            ("model", "dtype", "batch_size", "impl", "step_ms_median", "samples_per_s", "compile_s", "mfu"),
-            "benchmark",
-        ),
-    ]:
-        if key not in results:
-            continue
-        table = Table(title=title)
-        for c in columns:
-            table.add_column(c, justify="right" if c.startswith(("max", "tol")) else "left")
-        for r in results[key]:
-            style = "red" if r.get("ok") is False else ("yellow" if r.get("ok") is None else None)
-            table.add_row(*[_fmt(r.get(c)).replace("**", "") for c in columns], style=style)
-        console.print(table)
-    for c in results["meta"].get("train_summary", {}).get("claims", []):
-        verdict = "[green]holds[/green]" if c["holds"] else "[yellow]does not hold[/yellow]"
-        console.print(f"{c['claim']} claim, {c['model']} ({c['framework']}): {verdict}: {c['detail']}")
-    if "bench" in results:
-        from compare.bench.sweep import speedups
-
-        for row in speedups(results["bench"]):
-            console.print(
-                f"{row['model']} {row['dtype']} batch {row['batch_size']}: best JAX ({row['best_jax']}) is "
-                f"{row['speedup']:.2f}x the best PyTorch ({row['best_torch']})"
-            )
-    for r in results.get("equivalence", []):
-        if r.get("ok") is False and r.get("first_divergence"):
-            console.print(f"[red]{r['model']}/{r['flax_api']}: first divergence at {r['first_divergence']}[/red]")

@@ -10,6 +10,15 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from compare.experiments.claims import generalisation_gap
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
 
 def divergence(records: list[dict], path: Path) -> Path | None:
     """Per-step max relative parameter difference, torch vs Flax, float32 and float64."""
@@ -28,10 +37,7 @@ def divergence(records: list[dict], path: Path) -> Path | None:
     ax.set_title("torch vs Flax training trajectories (linen and nnx coincide)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def throughput(records: list[dict], path: Path) -> Path | None:
@@ -54,10 +60,7 @@ def throughput(records: list[dict], path: Path) -> Path | None:
     axes[0][0].set_ylabel("training samples / s")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"training throughput on {records[0]['device']} (solid: JAX, dashed: PyTorch)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def compile_vs_steady(records: list[dict], path: Path) -> Path | None:
@@ -76,10 +79,7 @@ def compile_vs_steady(records: list[dict], path: Path) -> Path | None:
         axes[0][col].set_xlabel("compile: time to first step (s)")
         axes[1][col].barh(names, [r["step_ms_median"] for r in recs], xerr=None, color="tab:blue")
         axes[1][col].set_xlabel("steady state: median step (ms)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def learning_curves(records: list[dict], path: Path) -> Path | None:
@@ -105,10 +105,7 @@ def learning_curves(records: list[dict], path: Path) -> Path | None:
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel("test accuracy")
     axes[0][-1].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def accuracy_vs_lr(records: list[dict], path: Path) -> Path | None:
@@ -135,15 +132,11 @@ def accuracy_vs_lr(records: list[dict], path: Path) -> Path | None:
     ax.set_ylabel("final test accuracy (diverged: 0)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def gap_vs_dropout(records: list[dict], path: Path) -> Path | None:
     """Dropout claim: generalisation gap (test - train loss) against the dropout rate."""
-    from compare.experiments.training import generalisation_gap
 
     recs = [r for r in records if r["claim"] == "dropout"]
     if not recs:
@@ -162,7 +155,4 @@ def gap_vs_dropout(records: list[dict], path: Path) -> Path | None:
     ax.set_ylabel("test loss - train loss (eval mode)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -1,0 +1,60 @@
+"""Every tolerance of every check, in one table: ``(rtol, atol)`` with what was measured.
+
+A difference ``d`` between two results whose reference has magnitude ``scale`` (the largest
+absolute value of the reference, normwise) passes when ``d <= atol + rtol * scale``, the
+rule of ``numpy.isclose`` applied to the whole array at once. Each entry says what was
+measured (CPU float32 unless stated; torch 2.13, jax 0.10.2, flax 0.12.8) so that a change
+of tolerance is a visible, reviewable decision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+    measured: str  # the worst case seen, and where
+
+    def bound(self, scale: float = 0.0) -> float:
+        """The largest difference that passes against a reference of magnitude ``scale``."""
+        return self.atol + self.rtol * scale
+
+    def holds(self, diff: float, scale: float = 0.0) -> bool:
+        return bool(math.isfinite(diff) and diff <= self.bound(scale))
+
+
+TOLERANCES: dict[str, Tolerance] = {
+    # eval mode, logits of the same weights (compare.checks.equivalence). The ResNets sum
+    # thousands of products per output (3x3x512 convolutions) in another order in oneDNN
+    # and XLA; the error grows with depth.
+    "eval.mlp": Tolerance(1e-5, 1e-5, "7.2e-7 abs, seeds 0-4, batch 8 (normwise relative ~1e-6)"),
+    "eval.cnn": Tolerance(1e-5, 1e-5, "1.7e-6 abs, seeds 0-4"),
+    "eval.resnet18": Tolerance(1e-5, 1e-4, "4.8e-6 abs, seeds 0-4"),
+    "eval.resnet18_cifar": Tolerance(1e-5, 1e-4, "3.9e-6 abs, seeds 0-4"),
+    "eval.resnet34": Tolerance(1e-5, 1e-4, "2.7e-5 abs, seeds 0-4"),
+    "eval.default": Tolerance(1e-5, 1e-4, "the ResNets' value, for a model without its own entry"),
+    # one train-mode step with injected masks (compare.checks.train_equivalence), mlp and cnn, seeds 0-2
+    "train.logits": Tolerance(1e-6, 1e-5, "1.2e-6 abs"),
+    "train.grads": Tolerance(1e-5, 0.0, "2.1e-6 relative to the tensor's largest entry (floored, see the check)"),
+    "train.stats": Tolerance(1e-6, 1e-6, "2.4e-7 abs with bn_semantics='torch'"),
+    # 200 SGD steps in float64: identical arithmetic up to rounding
+    "train.trajectory_float64": Tolerance(1e-10, 0.0, "7e-14 (mlp), 5e-14 (cnn) relative at step 200"),
+    # data parallelism: reductions in another order across shards, 2-8 simulated devices
+    "parallel.logits": Tolerance(1e-6, 1e-5, "1.3e-6 abs (jax), 2e-7 (torch DDP, gloo)"),
+    "parallel.grads": Tolerance(1e-6, 1e-5, "1e-6 abs"),
+    "parallel.stats": Tolerance(1e-6, 1e-6, "2e-7 abs"),
+    "parallel.train": Tolerance(1e-6, 1e-5, "3e-7 abs after 5 steps"),
+}
+
+
+def get(name: str) -> Tolerance:
+    """The entry ``name``; ``eval.<model>`` falls back to ``eval.default``."""
+    if name in TOLERANCES:
+        return TOLERANCES[name]
+    if name.startswith("eval."):
+        return TOLERANCES["eval.default"]
+    raise KeyError(f"no tolerance {name!r}; known: {', '.join(TOLERANCES)}")

@@ -1,0 +1,36 @@
+"""Weights files from one framework to the other: a torch state_dict file (``.pt``/``.pth``
+or ``.safetensors``) to a Flax ``.safetensors`` file whose header names the model, and
+back. Both validate every key and shape (``compare.transfer``) before writing anything;
+the command line is ``python -m compare.convert``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from compare import registry, transfer
+from compare.io import checkpoint
+
+
+def flax_file_to_torch(src: Path, dst: Path, model: str | None = None, *, allow_nonfinite: bool = False) -> str:
+    """A Flax file (it knows its model; ``model``, if given, must agree) to a torch
+    state_dict file. Returns a one-line summary."""
+    flat, spec = checkpoint.read_flax(src)
+    if model and model != spec.name:
+        raise checkpoint.CheckpointError(f"{src}: holds a {spec.name!r}, not a {model!r}")
+    sd = transfer.flat_to_torch(flat, spec, allow_nonfinite=allow_nonfinite)
+    checkpoint.write_torch_state_dict(sd, dst)
+    return f"converted Flax {spec.name} ({len(flat)} arrays) -> torch state_dict ({len(sd)} tensors): {dst}"
+
+
+def torch_file_to_flax(src: Path, dst: Path, model: str, *, allow_nonfinite: bool = False) -> str:
+    """A torch state_dict file for the registry model ``model`` to a Flax file. Returns a
+    one-line summary."""
+    spec = registry.get(model)
+    sd = checkpoint.read_torch_state_dict(src)
+    flat = transfer.torch_to_flat(sd, spec, allow_nonfinite=allow_nonfinite)
+    checkpoint.write_flax(flat, spec, dst)
+    n_params = sum(1 for k in flat if k.startswith("params/"))
+    return (
+        f"converted torch {spec.name} ({len(sd)} tensors) -> Flax ({n_params} params, "
+        f"{len(flat) - n_params} batch_stats): {dst}"
+    )

@@ -1,0 +1,242 @@
+"""The records of ``results.json``: one frozen dataclass per kind, the single source of
+every field name.
+
+``results.json`` is one object: ``meta`` (with ``schema_version``) and one list of flat
+records per suite. Each suite's records are built as these dataclasses and written with
+:meth:`Record.to_dict`; ``report`` takes its table columns from them, and a test checks
+that README.md and DESIGN.md list the same fields. Field names are snake_case and stable
+so that runs from different machines and versions can be diffed; a JSON name that is not
+a Python identifier (``trajectory_float32_first_step_above_1e-4``) is given in the field's
+metadata. Optional fields (``optional=True``) are left out of the JSON when ``None``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+# 1: the flat layout before this field existed; 2: the same fields, meta.schema_version added.
+SCHEMA_VERSION = 2
+
+
+def field(*, json: str | None = None, optional: bool = False, table: bool = True, brief: bool = False) -> Any:
+    """A record field. ``json``: its name in results.json when not the attribute's;
+    ``optional``: omitted when None; ``table``: shown in report tables (False for
+    per-step curves); ``brief``: also in the console's short table."""
+    meta = {"json": json, "optional": optional, "table": table, "brief": brief}
+    if optional:
+        return dataclasses.field(default=None, metadata=meta)
+    return dataclasses.field(metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Record:
+    """Base of every record kind; ``SUITE`` is the results.json list it goes into."""
+
+    SUITE: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("optional") and value is None:
+                continue
+            out[f.metadata.get("json") or f.name] = value
+        return out
+
+    @classmethod
+    def field_names(cls, *, required_only: bool = False) -> tuple[str, ...]:
+        """Every JSON field name, in order (only those always present with ``required_only``)."""
+        return tuple(
+            f.metadata.get("json") or f.name
+            for f in dataclasses.fields(cls)
+            if not (required_only and f.metadata.get("optional"))
+        )
+
+    @classmethod
+    def columns(cls, *, brief: bool = False) -> tuple[str, ...]:
+        """The fields that make a table's columns (``brief``: the console's short table)."""
+        return tuple(
+            f.metadata.get("json") or f.name
+            for f in dataclasses.fields(cls)
+            if f.metadata.get("table", True) and (not brief or f.metadata.get("brief"))
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EquivalenceRecord(Record):
+    """Eval mode: the same weights and input give the same logits in torch and Flax."""
+
+    SUITE: ClassVar[str] = "equivalence"
+    model: str = field(brief=True)
+    flax_api: str = field(brief=True)  # "linen" | "nnx"
+    mode: str = field(brief=True)  # "eval"
+    dtype: str = field(brief=True)
+    max_abs_diff: float = field(brief=True)  # max |torch - flax| over the logits
+    max_rel_diff: float = field(brief=True)  # that over max |torch|
+    tol: float = field(brief=True)  # (rtol, atol) folded: atol + rtol * max |torch|
+    ok: bool = field(brief=True)
+    first_divergence: str | None = field(table=False)  # the first layer that differs (when not ok)
+    layers: list[dict] | None = field(optional=True, table=False)  # the per-layer table (when not ok)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainEquivalenceRecord(Record):
+    """Train mode with injected dropout masks: one step, then trajectories."""
+
+    SUITE: ClassVar[str] = "equivalence"
+    model: str = field(brief=True)
+    flax_api: str = field(brief=True)
+    mode: str = field(table=False, brief=True)  # "train"
+    dtype: str = field(table=False, brief=True)
+    max_abs_diff: float = field(brief=True)  # logits of one train-mode step
+    max_rel_diff: float = field(table=False, brief=True)
+    tol: float = field(table=False, brief=True)
+    ok: bool = field(brief=True)
+    grad_max_rel_diff: float = field()
+    grad_rtol: float = field(table=False)
+    stats_max_abs_diff: float = field()
+    stats_tol: float = field(table=False)
+    trajectory_steps: int = field(table=False)
+    trajectory_float64_max_rel_diff: float = field()
+    trajectory_float64_tol: float = field(table=False)
+    trajectory_float32_final_rel_diff: float = field()
+    trajectory_float32_first_step_above_1e_4: int | None = field(json="trajectory_float32_first_step_above_1e-4")
+    divergence_float64: list[float] = field(table=False)
+    divergence_float32: list[float] = field(table=False)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SpecRecord(Record):
+    """One fact of SEMANTICS.md checked on the installed versions."""
+
+    SUITE: ClassVar[str] = "spec"
+    id: str = field(brief=True)  # the fact's stable dotted name
+    framework: str = field(brief=True)  # "torch" | "linen" | "nnx" | "cross"
+    ok: bool | None = field(brief=True)  # None: could not be checked here (detail says why)
+    detail: str = field()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchRecord(Record):
+    """One implementation's timed training step for one (model, batch, dtype) group."""
+
+    SUITE: ClassVar[str] = "bench"
+    model: str = field(brief=True)
+    impl: str = field(brief=True)
+    device: str = field(table=False)
+    dtype: str = field(brief=True)
+    batch_size: int = field(brief=True)
+    step_ms_median: float = field(brief=True)
+    step_ms_p10: float = field()
+    step_ms_p90: float = field()
+    samples_per_s: float = field(brief=True)
+    compile_s: float = field(brief=True)
+    peak_mem_bytes: int | None = field()
+    tflops_per_s: float = field()
+    mfu: float | None = field(brief=True)
+    peak_tflops_per_s: float | None = field(table=False)
+    flops_per_step: float = field(table=False)
+    steps_timed: int = field(table=False)
+    # the implementation's settings, where it has them
+    compile_mode: str | None = field(optional=True, table=False)
+    channels_last: bool | None = field(optional=True, table=False)
+    cuda_graphs: bool | None = field(optional=True, table=False)
+    donated: bool | None = field(optional=True, table=False)
+    pattern: str | None = field(optional=True, table=False)
+    scan_steps: int | None = field(optional=True, table=False)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Speedup(Record):
+    """Derived, per (model, dtype, batch): best JAX over best PyTorch in samples/s."""
+
+    SUITE: ClassVar[str] = ""
+    model: str = field()
+    dtype: str = field()
+    batch_size: int = field()
+    best_jax: str = field()
+    best_torch: str = field()
+    jax_samples_per_s: float = field()
+    torch_samples_per_s: float = field()
+    speedup: float = field()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainRecord(Record):
+    """One training run of the claims experiments in one framework."""
+
+    SUITE: ClassVar[str] = "train"
+    claim: str = field()
+    model: str = field()
+    framework: str = field()  # "torch" | "linen"
+    dataset: str = field(table=False)
+    use_bn: bool = field()
+    dropout: float = field()
+    lr: float = field()
+    epochs: int = field()
+    batch_size: int = field(table=False)
+    seed: int = field()
+    target_accuracy: float = field(table=False)
+    final_train_loss: float = field()
+    final_train_acc: float = field()
+    final_test_loss: float = field()
+    final_test_acc: float = field()
+    diverged: bool = field()
+    steps_to_target: int | None = field()
+    wall_s: float = field()
+    curves: dict[str, list[float]] = field(table=False)  # per epoch: train/test loss and accuracy
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Claim(Record):
+    """Derived: the verdict of one claim for one model and framework (meta.train_summary.claims)."""
+
+    SUITE: ClassVar[str] = ""
+    claim: str = field()
+    model: str = field()
+    framework: str = field()
+    holds: bool = field()
+    detail: str = field()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Agreement(Record):
+    """Derived: one run's final test accuracy in torch and linen (meta.train_summary.framework_agreement)."""
+
+    SUITE: ClassVar[str] = ""
+    claim: str = field()
+    model: str = field()
+    use_bn: bool = field()
+    dropout: float = field()
+    lr: float = field()
+    seed: int = field()
+    torch_test_acc: float = field()
+    linen_test_acc: float = field()
+    acc_diff: float | None = field()
+    both_diverged: bool = field(table=False)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistributedRecord(Record):
+    """One data-parallel check."""
+
+    SUITE: ClassVar[str] = "distributed"
+    framework: str = field()  # "linen" | "nnx" | "torch"
+    devices: int = field()
+    bn_mode: str = field()  # "sync" | "per_device"
+    check: str = field()
+    max_abs_diff: float | None = field()
+    tol: float | None = field()
+    ok: bool | None = field()  # None: cannot run here (detail says why)
+    detail: str | None = field(optional=True)
+
+
+# the kinds whose records go into results.json, by suite
+KINDS: dict[str, tuple[type[Record], ...]] = {
+    "equivalence": (EquivalenceRecord, TrainEquivalenceRecord),
+    "spec": (SpecRecord,),
+    "bench": (BenchRecord,),
+    "train": (TrainRecord,),
+    "distributed": (DistributedRecord,),
+}
