@@ -7,8 +7,8 @@ models is untouched; injection is a context around a call.
 
 A mask is ``(N, F)`` for element-wise dropout and ``(N, C)`` for channel-wise dropout
 (torch ``Dropout2d``; Flax ``broadcast_dims=(1, 2)``), broadcast over H and W on each side
-in its own layout. Masks are matched to layers by name (torch, nnx) or by call order
-(linen, whose Dropouts are unnamed); the models call their dropouts in definition order.
+in its own layout. Masks are matched to layers by name, which is the same on every side
+(``drop1``, ``drop``, ``dropout``: torch's module path, linen's module path, nnx's attribute path).
 """
 
 from __future__ import annotations
@@ -104,11 +104,16 @@ def _flax_keep(keep: jax.Array, channelwise: bool) -> jax.Array:
 
 
 def linen_masked_apply(model: nn.Module, site_list: Sequence[DropoutSite], masks: Sequence[jax.Array]):
-    """``model.apply`` whose Dropout calls (in call order) apply ``masks``. Works under
-    ``jax.jit`` with the masks as traced arguments."""
+    """``model.apply`` whose Dropout layers apply ``masks`` (matched by module path). Works
+    under ``jax.jit`` with the masks as traced arguments."""
+    by_name = {}
+    for site, keep in zip(site_list, masks, strict=True):
+        if site.name in by_name:
+            raise ValueError(f"two masks for {site.name!r}")
+        by_name[site.name] = (site, keep)
 
     def apply(variables, *args, **kwargs):
-        calls = iter(zip(site_list, masks, strict=True))
+        used = set()
 
         def interceptor(next_fun, call_args, call_kwargs, context):
             module = context.module
@@ -117,14 +122,18 @@ def linen_masked_apply(model: nn.Module, site_list: Sequence[DropoutSite], masks
             deterministic = call_kwargs.get("deterministic", module.deterministic)
             if deterministic:
                 return next_fun(*call_args, **call_kwargs)
-            site, keep = next(calls)
+            name = ".".join(module.path)
+            if name not in by_name:
+                raise KeyError(f"linen Dropout {name!r} has no mask; masks are for {sorted(by_name)}")
+            site, keep = by_name[name]
+            used.add(name)
             x = call_args[0]
             return _apply(x, _flax_keep(jnp.asarray(keep), site.channelwise), site.rate, jnp.where, jnp.zeros_like)
 
         with nn.intercept_methods(interceptor):
             out = model.apply(variables, *args, **kwargs)
-        if kwargs.get("train") and next(calls, None) is not None:
-            raise RuntimeError("fewer dropout calls than masks: the masks do not fit this model")
+        if kwargs.get("train") and used != set(by_name):
+            raise RuntimeError(f"masks for dropouts that were never called: {sorted(set(by_name) - used)}")
         return out
 
     return apply

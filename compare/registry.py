@@ -57,9 +57,10 @@ class ModelSpec:
         return linen_models.build(self.flax_config_with(bn_semantics, compute_dtype, **fields))
 
     def build_nnx(
-        self, rngs: nnx.Rngs | None = None, bn_semantics: str = "flax", compute_dtype: str = "float32", **fields
+        self, rngs: nnx.Rngs, bn_semantics: str = "flax", compute_dtype: str = "float32", **fields
     ) -> nnx.Module:
-        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        """The nnx model; ``rngs`` seeds its parameters and its Dropout streams (``dropout``,
+        else ``default``)."""
         return nnx_models.build(self.flax_config_with(bn_semantics, compute_dtype, **fields), rngs=rngs)
 
 

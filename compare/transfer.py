@@ -40,6 +40,10 @@ from torchbn.config import CNNConfig
 
 FlatFlax = dict[str, np.ndarray]  # "params/fc1/kernel" -> array
 PREFIXES = ("_orig_mod.", "module.")
+# A model that a transfer function builds itself (``model=None``) gets ``nnx.Rngs(NNX_SEED)``:
+# its parameters are overwritten, but its Dropout stream starts from this seed. Pass a
+# model built with your own ``Rngs`` to choose the stream.
+NNX_SEED = 0
 _COUNT = "num_batches_tracked"
 
 
@@ -184,10 +188,12 @@ def _numpy(x: Any) -> np.ndarray:
     return a.astype(np.float32) if a.dtype.name in ("bfloat16", "float16") else a
 
 
-def _validate(
+def validate(
     given: Mapping[str, Any], expected: Mapping[str, tuple[tuple[int, ...], str]], allow_nonfinite: bool
 ) -> list[str]:
-    """Problems of ``given`` against ``expected`` = {key: (shape, 'float' | 'int')}."""
+    """Every problem of ``given`` against ``expected`` = {key: (shape, dtype)}: missing and
+    unexpected keys, shapes, dtypes and non-finite values. The dtype is a kind, 'float' or
+    'int' (any float or integer dtype passes), or an exact name such as 'float32'."""
     problems = [f"missing key '{k}' (expected shape {expected[k][0]})" for k in expected if k not in given]
     problems += [f"unexpected key '{k}' (shape {_shape(given[k])})" for k in given if k not in expected]
     for key, (shape, kind) in expected.items():
@@ -197,6 +203,13 @@ def _validate(
         got_shape, got_kind = _shape(value), _kind(value)
         if got_shape != shape:
             problems.append(f"shape mismatch at '{key}': expected {shape}, got {got_shape}")
+        if kind not in ("float", "int"):
+            got_dtype = str(getattr(value, "dtype", type(value).__name__))
+            if got_dtype != kind:
+                problems.append(f"dtype mismatch at '{key}': expected {kind}, got {got_dtype}")
+            elif got_kind == "float" and not allow_nonfinite and not np.isfinite(_numpy(value)).all():
+                problems.append(f"non-finite values at '{key}'")
+            continue
         if got_kind != kind:
             want = "a floating-point" if kind == "float" else "an integer"
             problems.append(
@@ -228,7 +241,7 @@ def torch_to_flat(
     sd = strip_prefixes(state_dict)
     moves = plan(spec)
     expected = {m.torch_key: (m.torch_shape, "int" if m.is_count else "float") for m in moves}
-    problems = _validate(sd, expected, allow_nonfinite)
+    problems = validate(sd, expected, allow_nonfinite)
     if problems:
         raise TransferError(f"torch state_dict -> Flax '{spec.name}'", problems)
     flat = {}
@@ -256,7 +269,7 @@ def flat_to_torch(
     """
     spec = get(spec)
     expected = _flax_expected(spec)
-    problems = _validate(flat, expected, allow_nonfinite)
+    problems = validate(flat, expected, allow_nonfinite)
     if problems:
         raise TransferError(f"Flax variables -> torch '{spec.name}'", problems)
     sd = OrderedDict()
@@ -308,7 +321,7 @@ def flat_into_nnx(
     expected = {
         k: (tuple(var.get_value().shape), "int" if k.endswith(_COUNT) else "float") for k, (_, var) in current.items()
     }
-    problems = _validate(flat, expected, allow_nonfinite)
+    problems = validate(flat, expected, allow_nonfinite)
     if problems:
         raise TransferError(what, problems)
 
@@ -326,7 +339,7 @@ def flat_into_nnx(
 
 def _check_linen(flat: FlatFlax, spec: ModelSpec, what: str, allow_nonfinite: bool) -> None:
     expected = _flax_expected(spec)
-    problems = _validate(flat, expected, allow_nonfinite)
+    problems = validate(flat, expected, allow_nonfinite)
     if problems:
         raise TransferError(what, problems)
 
@@ -355,7 +368,7 @@ def torch_to_nnx(
     Floats take the model's dtype (float32), or ``float_dtype`` when given."""
     spec = get(spec)
     flat = torch_to_flat(state_dict, spec, allow_nonfinite=allow_nonfinite, float_dtype=float_dtype or np.float32)
-    model = spec.build_nnx() if model is None else model
+    model = spec.build_nnx(nnx.Rngs(NNX_SEED)) if model is None else model
     what = f"torch state_dict -> nnx '{spec.name}'"
     flat_into_nnx(model, flat, allow_nonfinite=allow_nonfinite, what=what, float_dtype=float_dtype)
     return model
@@ -377,7 +390,7 @@ def linen_to_nnx(
     spec = get(spec)
     flat = linen_to_flat(variables)
     _check_linen(flat, spec, f"linen variables -> nnx '{spec.name}'", allow_nonfinite)
-    model = spec.build_nnx() if model is None else model
+    model = spec.build_nnx(nnx.Rngs(NNX_SEED)) if model is None else model
     flat_into_nnx(model, flat, allow_nonfinite=allow_nonfinite, what=f"linen variables -> nnx '{spec.name}'")
     return model
 

@@ -58,19 +58,27 @@ def _positive_ints(values, field: str) -> list[str]:
     return [f"{field} must hold ints >= 1, got {values!r}"] if bad else []
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CommonConfig:
+    """The settings every model shares, in Flax's conventions (momentum: the weight of
+    the old value), with the BatchNorm semantics, compute dtype and data-parallel axis
+    described above. Keyword-only."""
+
+    bn_momentum: float | None = 0.9
+    bn_eps: float = 1e-5
+    bn_semantics: Literal["flax", "torch"] = "flax"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    bn_axis_name: str | None = None
+
+
 @dataclasses.dataclass(frozen=True)
-class MLPConfig:
+class MLPConfig(CommonConfig):
     """``(Dense -> BatchNorm -> ReLU -> Dropout) * len(hidden) -> Dense``."""
 
     in_features: int = 64
     hidden: tuple[int, ...] = (256, 256)
     num_classes: int = 10
     dropout: float = 0.5
-    bn_momentum: float | None = 0.9
-    bn_eps: float = 1e-5
-    bn_semantics: Literal["flax", "torch"] = "flax"
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    bn_axis_name: str | None = None
     use_bn: bool = True
 
     def __post_init__(self):
@@ -81,7 +89,7 @@ class MLPConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class CNNConfig:
+class CNNConfig(CommonConfig):
     """``(Conv3x3 -> BatchNorm -> ReLU -> MaxPool2 -> channel Dropout) * len(channels)``,
     then ``flatten -> Dense -> BatchNorm -> ReLU -> Dropout -> Dense``.
 
@@ -95,11 +103,6 @@ class CNNConfig:
     num_classes: int = 10
     dropout2d: float = 0.1
     dropout: float = 0.5
-    bn_momentum: float | None = 0.9
-    bn_eps: float = 1e-5
-    bn_semantics: Literal["flax", "torch"] = "flax"
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    bn_axis_name: str | None = None
     use_bn: bool = True
 
     def __post_init__(self):
@@ -122,7 +125,7 @@ class CNNConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ResNetConfig:
+class ResNetConfig(CommonConfig):
     """torchvision's ResNet with BasicBlocks (resnet18: ``layers=(2, 2, 2, 2)``).
 
     ``stem="imagenet"`` is torchvision's 7x7/2 conv + 3x3/2 max-pool; ``stem="cifar"``
@@ -136,11 +139,6 @@ class ResNetConfig:
     width: int = 64
     stem: Literal["imagenet", "cifar"] = "imagenet"
     dropout: float = 0.0
-    bn_momentum: float | None = 0.9
-    bn_eps: float = 1e-5
-    bn_semantics: Literal["flax", "torch"] = "flax"
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    bn_axis_name: str | None = None
     zero_init_residual: bool = False
 
     def __post_init__(self):

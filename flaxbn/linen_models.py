@@ -8,9 +8,12 @@ imagenet example: BatchNorm uses ``use_running_average=not train`` and Dropout
                                   rngs={"dropout": key}, mutable=["batch_stats"])
     logits = model.apply(variables, x, train=False)   # eval: no rng, nothing mutable
 
-Layer names equal torch's (``fc1``, ``bn1``, ``layer1/0/bn2``, ``layer2/0/downsample/1``),
-so the weight map in ``compare.transfer`` is mechanical. Convolutions state their padding
-explicitly: Flax's default ``'SAME'`` differs from torch's for stride 2.
+Layer names equal torch's (``fc1``, ``bn1``, ``drop1``, ``layer1/0/bn2``,
+``layer2/0/downsample/1``), so the weight map in ``compare.transfer`` is mechanical; the
+helpers and classes are those of ``torchbn/models.py``, in the same order. Convolutions
+state their padding explicitly: Flax's default ``'SAME'`` differs from torch's for stride 2.
+torch's default inits differ (kaiming-uniform); transferred weights make that moot, and
+models trained from scratch keep Flax's defaults.
 """
 
 from __future__ import annotations
@@ -23,11 +26,21 @@ from flaxbn.batchnorm import LinenBatchNorm, LinenTorchBatchNorm
 from flaxbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig, check_input
 from flaxbn.pooling import max_pool_2x2
 
-# torch's default inits differ (kaiming-uniform); transferred weights make that moot.
-# Models trained from scratch keep Flax's defaults.
+# --- layers, configured once ------------------------------------------------------------------
 
 
-def _batch_norm(cfg, train: bool, name: str) -> nn.Module:
+def _check(cfg: ModelConfig, x: jax.Array, train: bool) -> None:
+    check_input(cfg, tuple(x.shape), jnp.issubdtype(x.dtype, jnp.floating), train)
+
+
+def _dtype(cfg: ModelConfig) -> jnp.dtype | None:
+    """Compute dtype of matmuls and convolutions (parameters stay float32): bfloat16, or
+    None for "float32", which lets Flax follow the inputs and parameters (float64 too)."""
+    return jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None
+
+
+def _batch_norm(cfg: ModelConfig, *, train: bool, name: str) -> nn.Module:
+    """Normalises the last axis (features or channels, NHWC); statistics stay float32."""
     if cfg.bn_semantics == "torch":
         return LinenTorchBatchNorm(
             use_running_average=not train, momentum=cfg.bn_momentum, epsilon=cfg.bn_eps, name=name
@@ -43,26 +56,55 @@ def _batch_norm(cfg, train: bool, name: str) -> nn.Module:
     )
 
 
+def _conv(
+    cfg: ModelConfig, features: int, *, kernel: int, stride: int = 1, padding: int, bias: bool = False, name: str
+) -> nn.Conv:
+    pad = ((padding, padding), (padding, padding))  # torch's symmetric padding, never 'SAME'
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=pad,
+        use_bias=bias,
+        dtype=_dtype(cfg),
+        name=name,
+    )
+
+
+def _linear(cfg: ModelConfig, features: int, *, name: str) -> nn.Dense:
+    return nn.Dense(features, dtype=_dtype(cfg), name=name)
+
+
+def _dropout(rate: float, *, channelwise: bool = False, train: bool, name: str) -> nn.Dropout:
+    """Element-wise, or channel-wise (broadcast over H and W: one mask value per (sample,
+    channel), like torch's Dropout2d)."""
+    return nn.Dropout(rate, broadcast_dims=(1, 2) if channelwise else (), deterministic=not train, name=name)
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
 class MLP(nn.Module):
-    """``fc{i} -> bn{i} -> relu -> dropout`` for each hidden width, then ``head``."""
+    """``fc{i} -> bn{i} -> relu -> drop{i}`` for each hidden width, then ``head``."""
 
     cfg: MLPConfig
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """(N, in_features) -> (N, num_classes) logits."""
-        _check(self.cfg, x, train)
-        for i, width in enumerate(self.cfg.hidden, start=1):
-            x = nn.Dense(width, dtype=_dtype(self.cfg), name=f"fc{i}")(x)
-            if self.cfg.use_bn:
-                x = _batch_norm(self.cfg, train, f"bn{i}")(x)
-            x = nn.Dropout(self.cfg.dropout, deterministic=not train)(nn.relu(x))
-        return nn.Dense(self.cfg.num_classes, dtype=_dtype(self.cfg), name="head")(x)
+        cfg = self.cfg
+        _check(cfg, x, train)
+        for i, width in enumerate(cfg.hidden, start=1):
+            x = _linear(cfg, width, name=f"fc{i}")(x)
+            if cfg.use_bn:
+                x = _batch_norm(cfg, train=train, name=f"bn{i}")(x)
+            x = _dropout(cfg.dropout, train=train, name=f"drop{i}")(nn.relu(x))
+        return _linear(cfg, cfg.num_classes, name="head")(x)
 
 
 class CNN(nn.Module):
-    """``conv{i} -> bn{i} -> relu -> max_pool 2 -> channel dropout``, then
-    ``flatten -> fc -> fc_bn -> relu -> dropout -> head``."""
+    """``conv{i} -> bn{i} -> relu -> max_pool 2 -> drop{i}`` (channel-wise), then
+    ``flatten -> fc -> fc_bn -> relu -> drop -> head``."""
 
     cfg: CNNConfig
 
@@ -72,37 +114,17 @@ class CNN(nn.Module):
         cfg = self.cfg
         _check(cfg, x, train)
         for i, c_out in enumerate(cfg.channels, start=1):
-            pad = ((1, 1), (1, 1))  # torch's padding=1, never 'SAME'
-            x = nn.Conv(c_out, (3, 3), padding=pad, use_bias=not cfg.use_bn, dtype=_dtype(cfg), name=f"conv{i}")(x)
+            x = _conv(cfg, c_out, kernel=3, padding=1, bias=not cfg.use_bn, name=f"conv{i}")(x)
             if cfg.use_bn:
-                x = _batch_norm(cfg, train, f"bn{i}")(x)
+                x = _batch_norm(cfg, train=train, name=f"bn{i}")(x)
             x = max_pool_2x2(nn.relu(x))  # torch's MaxPool2d(2), fast on XLA:CPU (flaxbn/pooling.py)
-            # broadcast over H and W: one mask value per (sample, channel), like torch's Dropout2d
-            x = nn.Dropout(cfg.dropout2d, broadcast_dims=(1, 2), deterministic=not train)(x)
+            x = _dropout(cfg.dropout2d, channelwise=True, train=train, name=f"drop{i}")(x)
         x = x.reshape(x.shape[0], -1)  # (N, H, W, C) -> (N, H*W*C), channel-minor
-        x = nn.Dense(cfg.hidden, dtype=_dtype(cfg), name="fc")(x)
+        x = _linear(cfg, cfg.hidden, name="fc")(x)
         if cfg.use_bn:
-            x = _batch_norm(cfg, train, "fc_bn")(x)
-        x = nn.Dropout(cfg.dropout, deterministic=not train)(nn.relu(x))
-        return nn.Dense(cfg.num_classes, dtype=_dtype(cfg), name="head")(x)
-
-
-def _check(cfg, x: jax.Array, train: bool) -> None:
-    check_input(cfg, tuple(x.shape), jnp.issubdtype(x.dtype, jnp.floating), train)
-
-
-def _dtype(cfg) -> jnp.dtype | None:
-    """Compute dtype of matmuls and convolutions (parameters stay float32): bfloat16, or
-    None for "float32", which lets Flax follow the inputs and parameters (float64 too)."""
-    return jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None
-
-
-def _conv(cfg, features: int, kernel: int, stride: int, padding: int, name: str) -> nn.Conv:
-    pad = ((padding, padding), (padding, padding))  # torch's symmetric padding, never 'SAME'
-    strides = (stride, stride)
-    return nn.Conv(
-        features, (kernel, kernel), strides=strides, padding=pad, use_bias=False, dtype=_dtype(cfg), name=name
-    )
+            x = _batch_norm(cfg, train=train, name="fc_bn")(x)
+        x = _dropout(cfg.dropout, train=train, name="drop")(nn.relu(x))
+        return _linear(cfg, cfg.num_classes, name="head")(x)
 
 
 class Downsample(nn.Module):
@@ -114,24 +136,27 @@ class Downsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        x = _conv(self.cfg, self.features, 1, self.stride, 0, name="0")(x)
-        return _batch_norm(self.cfg, train, "1")(x)
+        x = _conv(self.cfg, self.features, kernel=1, stride=self.stride, padding=0, name="0")(x)
+        return _batch_norm(self.cfg, train=train, name="1")(x)
 
 
 class BasicBlock(nn.Module):
+    """torchvision's BasicBlock: two 3x3 convs, identity or 1x1 ``downsample`` shortcut."""
+
     cfg: ResNetConfig
     features: int
     stride: int
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        cfg, features = self.cfg, self.features
         identity = x
-        if self.stride != 1 or x.shape[-1] != self.features:
-            identity = Downsample(self.cfg, self.features, self.stride, name="downsample")(x, train=train)
-        out = _conv(self.cfg, self.features, 3, self.stride, 1, "conv1")(x)
-        out = nn.relu(_batch_norm(self.cfg, train, "bn1")(out))
-        out = _batch_norm(self.cfg, train, "bn2")(_conv(self.cfg, self.features, 3, 1, 1, "conv2")(out))
-        return nn.relu(out + identity)
+        if self.stride != 1 or x.shape[-1] != features:
+            identity = Downsample(cfg, features, self.stride, name="downsample")(x, train=train)
+        out = _conv(cfg, features, kernel=3, stride=self.stride, padding=1, name="conv1")(x)
+        out = nn.relu(_batch_norm(cfg, train=train, name="bn1")(out))
+        out = _conv(cfg, features, kernel=3, padding=1, name="conv2")(out)
+        return nn.relu(_batch_norm(cfg, train=train, name="bn2")(out) + identity)
 
 
 class Stage(nn.Module):
@@ -145,7 +170,7 @@ class Stage(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         for b in range(self.blocks):
-            x = BasicBlock(self.cfg, self.features, self.stride if b == 0 else 1, name=str(b))(x, train=train)
+            x = BasicBlock(self.cfg, self.features, stride=self.stride if b == 0 else 1, name=str(b))(x, train=train)
         return x
 
 
@@ -160,18 +185,18 @@ class ResNet(nn.Module):
         cfg = self.cfg
         _check(cfg, x, train)
         if cfg.stem == "imagenet":
-            x = _conv(cfg, cfg.width, 7, 2, 3, "conv1")(x)
+            x = _conv(cfg, cfg.width, kernel=7, stride=2, padding=3, name="conv1")(x)
         else:
-            x = _conv(cfg, cfg.width, 3, 1, 1, "conv1")(x)
-        x = nn.relu(_batch_norm(cfg, train, "bn1")(x))
+            x = _conv(cfg, cfg.width, kernel=3, padding=1, name="conv1")(x)
+        x = nn.relu(_batch_norm(cfg, train=train, name="bn1")(x))
         if cfg.stem == "imagenet":
             # max_pool pads with -inf, as torch's MaxPool2d does
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for i, (blocks, width) in enumerate(zip(cfg.layers, cfg.stage_widths(), strict=True), start=1):
-            x = Stage(cfg, width, blocks, 1 if i == 1 else 2, name=f"layer{i}")(x, train=train)
+            x = Stage(cfg, width, blocks, stride=1 if i == 1 else 2, name=f"layer{i}")(x, train=train)
         x = jnp.mean(x, axis=(1, 2))  # global average pool: (N, H, W, C) -> (N, C)
-        x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
-        return nn.Dense(cfg.num_classes, dtype=_dtype(cfg), name="fc")(x)
+        x = _dropout(cfg.dropout, train=train, name="dropout")(x)
+        return _linear(cfg, cfg.num_classes, name="fc")(x)
 
 
 def build(cfg: ModelConfig) -> nn.Module:

@@ -10,7 +10,9 @@ from the ``Rngs`` given at construction, advancing on every call::
     model.train(); logits = model(x)    # fresh mask, statistics updated
     model.eval();  logits = model(x)    # running statistics, no dropout
 
-Layer names equal torch's (``fc1``, ``bn1``, ``layer1/0/bn2``, ``layer2/0/downsample/1``).
+Layer names equal torch's (``fc1``, ``bn1``, ``drop1``, ``layer1/0/bn2``,
+``layer2/0/downsample/1``); the helpers and classes are those of ``torchbn/models.py``, in
+the same order.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from flaxbn.batchnorm import NnxBatchNorm, NnxTorchBatchNorm
 from flaxbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig, check_input
 from flaxbn.pooling import max_pool_2x2
 
+# --- layers, configured once ------------------------------------------------------------------
+
 
 def _check(model: nnx.Module, x: jax.Array, bn: nnx.Module | None) -> None:
     """Training is when the first BatchNorm (if any) uses batch statistics."""
@@ -32,7 +36,14 @@ def _check(model: nnx.Module, x: jax.Array, bn: nnx.Module | None) -> None:
     check_input(model.cfg, tuple(x.shape), jnp.issubdtype(x.dtype, jnp.floating), train)
 
 
-def _batch_norm(cfg, features: int, rngs: nnx.Rngs) -> nnx.Module:
+def _dtype(cfg: ModelConfig) -> jnp.dtype | None:
+    """Compute dtype of matmuls and convolutions (parameters stay float32): bfloat16, or
+    None for "float32", which lets Flax follow the inputs and parameters (float64 too)."""
+    return jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None
+
+
+def _batch_norm(cfg: ModelConfig, features: int, *, rngs: nnx.Rngs) -> nnx.Module:
+    """Normalises the last axis (features or channels, NHWC); statistics stay float32."""
     if cfg.bn_semantics == "torch":
         return NnxTorchBatchNorm(features, momentum=cfg.bn_momentum, epsilon=cfg.bn_eps, rngs=rngs)
     return NnxBatchNorm(
@@ -46,22 +57,41 @@ def _batch_norm(cfg, features: int, rngs: nnx.Rngs) -> nnx.Module:
     )
 
 
-def _dtype(cfg) -> jnp.dtype | None:
-    """Compute dtype of matmuls and convolutions (parameters stay float32): bfloat16, or
-    None for "float32", which lets Flax follow the inputs and parameters (float64 too)."""
-    return jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None
+def _conv(
+    cfg: ModelConfig,
+    c_in: int,
+    c_out: int,
+    *,
+    kernel: int,
+    stride: int = 1,
+    padding: int,
+    bias: bool = False,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
+    pad = ((padding, padding), (padding, padding))  # torch's symmetric padding, never 'SAME'
+    return nnx.Conv(
+        c_in,
+        c_out,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=pad,
+        use_bias=bias,
+        dtype=_dtype(cfg),
+        rngs=rngs,
+    )
 
 
-def _linear(cfg, n_in: int, n_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+def _linear(cfg: ModelConfig, n_in: int, n_out: int, *, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(n_in, n_out, dtype=_dtype(cfg), rngs=rngs)
 
 
-def _conv(cfg, c_in: int, c_out: int, kernel: int, stride: int, padding: int, rngs: nnx.Rngs, bias: bool = False):
-    pad = ((padding, padding), (padding, padding))  # torch's symmetric padding, never 'SAME'
-    strides = (stride, stride)
-    return nnx.Conv(
-        c_in, c_out, (kernel, kernel), strides=strides, padding=pad, use_bias=bias, dtype=_dtype(cfg), rngs=rngs
-    )
+def _dropout(rate: float, *, channelwise: bool = False, rngs: nnx.Rngs) -> nnx.Dropout:
+    """Element-wise, or channel-wise (broadcast over H and W: one mask value per (sample,
+    channel), like torch's Dropout2d). Draws from the ``dropout`` stream of ``rngs``."""
+    return nnx.Dropout(rate, broadcast_dims=(1, 2) if channelwise else (), rngs=rngs)
+
+
+# --- models -----------------------------------------------------------------------------------
 
 
 class MLP(nnx.Module):
@@ -71,11 +101,11 @@ class MLP(nnx.Module):
         self.cfg = cfg
         widths = (cfg.in_features, *cfg.hidden)
         for i, (n_in, n_out) in enumerate(itertools.pairwise(widths), start=1):
-            setattr(self, f"fc{i}", _linear(cfg, n_in, n_out, rngs))
+            setattr(self, f"fc{i}", _linear(cfg, n_in, n_out, rngs=rngs))
             if cfg.use_bn:
-                setattr(self, f"bn{i}", _batch_norm(cfg, n_out, rngs))
-            setattr(self, f"drop{i}", nnx.Dropout(cfg.dropout, rngs=rngs))
-        self.head = _linear(cfg, widths[-1], cfg.num_classes, rngs)
+                setattr(self, f"bn{i}", _batch_norm(cfg, n_out, rngs=rngs))
+            setattr(self, f"drop{i}", _dropout(cfg.dropout, rngs=rngs))
+        self.head = _linear(cfg, widths[-1], cfg.num_classes, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(N, in_features) -> (N, num_classes) logits."""
@@ -96,17 +126,16 @@ class CNN(nnx.Module):
         self.cfg = cfg
         chans = (cfg.in_channels, *cfg.channels)
         for i, (c_in, c_out) in enumerate(itertools.pairwise(chans), start=1):
-            setattr(self, f"conv{i}", _conv(cfg, c_in, c_out, 3, 1, 1, rngs, bias=not cfg.use_bn))
+            setattr(self, f"conv{i}", _conv(cfg, c_in, c_out, kernel=3, padding=1, bias=not cfg.use_bn, rngs=rngs))
             if cfg.use_bn:
-                setattr(self, f"bn{i}", _batch_norm(cfg, c_out, rngs))
-            # broadcast over H and W: one mask value per (sample, channel), like torch's Dropout2d
-            setattr(self, f"drop{i}", nnx.Dropout(cfg.dropout2d, broadcast_dims=(1, 2), rngs=rngs))
+                setattr(self, f"bn{i}", _batch_norm(cfg, c_out, rngs=rngs))
+            setattr(self, f"drop{i}", _dropout(cfg.dropout2d, channelwise=True, rngs=rngs))
         h, w, c = cfg.flatten_shape
-        self.fc = _linear(cfg, h * w * c, cfg.hidden, rngs)
+        self.fc = _linear(cfg, h * w * c, cfg.hidden, rngs=rngs)
         if cfg.use_bn:
-            self.fc_bn = _batch_norm(cfg, cfg.hidden, rngs)
-        self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)
-        self.head = _linear(cfg, cfg.hidden, cfg.num_classes, rngs)
+            self.fc_bn = _batch_norm(cfg, cfg.hidden, rngs=rngs)
+        self.drop = _dropout(cfg.dropout, rngs=rngs)
+        self.head = _linear(cfg, cfg.hidden, cfg.num_classes, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(N, H, W, C) -> (N, num_classes) logits."""
@@ -125,18 +154,19 @@ class CNN(nnx.Module):
 
 
 class BasicBlock(nnx.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int, cfg: ResNetConfig, *, rngs: nnx.Rngs):
-        self.conv1 = _conv(cfg, c_in, c_out, 3, stride, 1, rngs)
-        self.bn1 = _batch_norm(cfg, c_out, rngs)
-        self.conv2 = _conv(cfg, c_out, c_out, 3, 1, 1, rngs)
-        self.bn2 = _batch_norm(cfg, c_out, rngs)
+    """torchvision's BasicBlock: two 3x3 convs, identity or 1x1 ``downsample`` shortcut."""
+
+    def __init__(self, cfg: ResNetConfig, c_in: int, c_out: int, *, stride: int, rngs: nnx.Rngs):
+        self.conv1 = _conv(cfg, c_in, c_out, kernel=3, stride=stride, padding=1, rngs=rngs)
+        self.bn1 = _batch_norm(cfg, c_out, rngs=rngs)
+        self.conv2 = _conv(cfg, c_out, c_out, kernel=3, padding=1, rngs=rngs)
+        self.bn2 = _batch_norm(cfg, c_out, rngs=rngs)
         # torch's nn.Sequential(conv1x1, bn): entries 0 and 1
-        needs_downsample = stride != 1 or c_in != c_out
-        self.downsample = (
-            nnx.List([_conv(cfg, c_in, c_out, 1, stride, 0, rngs), _batch_norm(cfg, c_out, rngs)])
-            if needs_downsample
-            else None
-        )
+        shortcut = [
+            _conv(cfg, c_in, c_out, kernel=1, stride=stride, padding=0, rngs=rngs),
+            _batch_norm(cfg, c_out, rngs=rngs),
+        ]
+        self.downsample = nnx.List(shortcut) if stride != 1 or c_in != c_out else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         identity = x if self.downsample is None else self.downsample[1](self.downsample[0](x))
@@ -150,21 +180,21 @@ class ResNet(nnx.Module):
     def __init__(self, cfg: ResNetConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         if cfg.stem == "imagenet":
-            self.conv1 = _conv(cfg, cfg.in_channels, cfg.width, 7, 2, 3, rngs)
+            self.conv1 = _conv(cfg, cfg.in_channels, cfg.width, kernel=7, stride=2, padding=3, rngs=rngs)
         else:
-            self.conv1 = _conv(cfg, cfg.in_channels, cfg.width, 3, 1, 1, rngs)
-        self.bn1 = _batch_norm(cfg, cfg.width, rngs)
+            self.conv1 = _conv(cfg, cfg.in_channels, cfg.width, kernel=3, padding=1, rngs=rngs)
+        self.bn1 = _batch_norm(cfg, cfg.width, rngs=rngs)
         c_in = cfg.width
         for i, (blocks, c_out) in enumerate(zip(cfg.layers, cfg.stage_widths(), strict=True), start=1):
             stride = 1 if i == 1 else 2
             stage = [
-                BasicBlock(c_in if b == 0 else c_out, c_out, stride if b == 0 else 1, cfg, rngs=rngs)
+                BasicBlock(cfg, c_in if b == 0 else c_out, c_out, stride=stride if b == 0 else 1, rngs=rngs)
                 for b in range(blocks)
             ]
             setattr(self, f"layer{i}", nnx.List(stage))
             c_in = c_out
-        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
-        self.fc = _linear(cfg, c_in, cfg.num_classes, rngs)
+        self.dropout = _dropout(cfg.dropout, rngs=rngs)
+        self.fc = _linear(cfg, c_in, cfg.num_classes, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(N, H, W, C) -> (N, num_classes) logits."""

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from compare import registry
 from compare.conventions import nchw_to_nhwc
@@ -26,7 +27,7 @@ def _call(api: str, spec, x: np.ndarray, train: bool):
         model = spec.build_linen()
         variables = model.init(jax.random.key(0), jnp.zeros((2, *spec.flax_input_shape)), train=False)
         return model.apply(variables, xf, train=train, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])
-    model = spec.build_nnx()
+    model = spec.build_nnx(nnx.Rngs(0))
     model.train() if train else model.eval()
     return model(xf)
 

@@ -160,7 +160,7 @@ def test_layer_names_are_the_same_in_torch_linen_and_nnx(spec):
     flatten to exactly those keys."""
     planned = {m.flax_key for m in transfer.plan(spec)}
     assert set(transfer.flax_template(spec)) == planned
-    assert set(transfer.nnx_to_flat(spec.build_nnx())) == planned
+    assert set(transfer.nnx_to_flat(spec.build_nnx(nnx.Rngs(0)))) == planned
     for move in transfer.plan(spec):
         module_path = move.torch_key.rsplit(".", 1)[0].replace(".", "/")
         assert move.flax_key.split("/", 1)[1].rsplit("/", 1)[0] == module_path
@@ -176,7 +176,7 @@ def test_all_three_apis_map_a_batch_to_logits_of_the_same_shape(name):
     linen = spec.build_linen()
     variables = linen.init(jax.random.key(0), xf, train=False)
     assert linen.apply(variables, xf, train=False).shape == (2, spec.config.num_classes)
-    nnx_model = spec.build_nnx()
+    nnx_model = spec.build_nnx(nnx.Rngs(0))
     nnx_model.eval()
     assert nnx_model(xf).shape == (2, spec.config.num_classes)
 
@@ -229,7 +229,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_batchnorm_statistics(api)
         )
         stats, params = updates["batch_stats"], variables["params"]
     else:
-        model = spec.build_nnx(compute_dtype="bfloat16")
+        model = spec.build_nnx(nnx.Rngs(0), compute_dtype="bfloat16")
         logits = model(x)
         stats, params = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)), nnx.to_pure_dict(nnx.state(model, nnx.Param))
     assert logits.dtype == jnp.bfloat16

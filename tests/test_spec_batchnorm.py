@@ -117,7 +117,7 @@ def test_flax_fast_variance_loses_precision_on_a_large_mean_and_two_pass_fixes_i
 @spec("bn.fast_variance.ported_models_use_two_pass", framework="nnx")
 def test_the_ported_flax_models_use_two_pass_variance():
     spec_ = registry.get("cnn")
-    model = spec_.build_nnx()
+    model = spec_.build_nnx(nnx.Rngs(0))
     assert all(not bn.use_fast_variance for bn in [model.bn1, model.bn2, model.fc_bn])
 
 

@@ -3,6 +3,7 @@ statistics, optimizer steps and whole trajectories, torch against linen and nnx.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import jax
@@ -161,9 +162,14 @@ def test_masks_are_drawn_per_site_with_the_channelwise_shape_for_dropout2d():
 
 
 def test_linen_mask_injection_refuses_masks_that_do_not_fit_the_model():
+    """Masks are matched by layer name: a mask for a layer the model lacks, or two masks
+    for one layer, are errors, never silently unused."""
     s = train_equivalence.setup(TINY["mlp"])
     keep = masks.draw(s.sites, np.random.default_rng(0))
-    apply = masks.linen_masked_apply(TINY["mlp"].build_linen(), [*s.sites, s.sites[0]], [*keep, keep[0]])
+    stranger = dataclasses.replace(s.sites[0], name="drop9")
+    apply = masks.linen_masked_apply(TINY["mlp"].build_linen(), [*s.sites, stranger], [*keep, keep[0]])
     variables = transfer.torch_to_linen(s.torch_model.state_dict(), TINY["mlp"])
-    with pytest.raises(RuntimeError, match="fewer dropout calls than masks"):
+    with pytest.raises(RuntimeError, match=r"masks for dropouts that were never called: \['drop9'\]"):
         apply(variables, jnp.asarray(s.x), train=True, mutable=["batch_stats"])
+    with pytest.raises(ValueError, match="two masks for 'drop1'"):
+        masks.linen_masked_apply(TINY["mlp"].build_linen(), [*s.sites, s.sites[0]], [*keep, keep[0]])

@@ -204,7 +204,7 @@ def test_a_state_dict_of_another_architecture_is_rejected_with_every_key_named()
 
 def test_a_failed_nnx_load_leaves_the_model_untouched():
     spec = registry.get("cnn")
-    model = spec.build_nnx()
+    model = spec.build_nnx(nnx.Rngs(0))
     before = transfer.nnx_to_flat(model)
     sd = random_state_dict(spec)
     sd["head.weight"] = torch.zeros(3, 3)  # the last tensor is wrong; all others are fine

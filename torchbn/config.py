@@ -40,16 +40,23 @@ def _positive_ints(values, field: str) -> list[str]:
     return [f"{field} must hold ints >= 1, got {values!r}"] if bad else []
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CommonConfig:
+    """The BatchNorm settings every model shares, in torch's conventions (momentum: the
+    weight of the new batch; ``None``: cumulative average). Keyword-only."""
+
+    bn_momentum: float | None = 0.1
+    bn_eps: float = 1e-5
+
+
 @dataclasses.dataclass(frozen=True)
-class MLPConfig:
+class MLPConfig(CommonConfig):
     """``(Linear -> BatchNorm1d -> ReLU -> Dropout) * len(hidden) -> Linear``."""
 
     in_features: int = 64
     hidden: tuple[int, ...] = (256, 256)
     num_classes: int = 10
     dropout: float = 0.5
-    bn_momentum: float | None = 0.1
-    bn_eps: float = 1e-5
     use_bn: bool = True
 
     def __post_init__(self):
@@ -60,7 +67,7 @@ class MLPConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class CNNConfig:
+class CNNConfig(CommonConfig):
     """``(Conv3x3 -> BatchNorm2d -> ReLU -> MaxPool2 -> Dropout2d) * len(channels)``,
     then ``flatten -> Linear -> BatchNorm1d -> ReLU -> Dropout -> Linear``.
 
@@ -74,8 +81,6 @@ class CNNConfig:
     num_classes: int = 10
     dropout2d: float = 0.1
     dropout: float = 0.5
-    bn_momentum: float | None = 0.1
-    bn_eps: float = 1e-5
     use_bn: bool = True
 
     def __post_init__(self):
@@ -98,7 +103,7 @@ class CNNConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ResNetConfig:
+class ResNetConfig(CommonConfig):
     """torchvision's ResNet with BasicBlocks (resnet18: ``layers=(2, 2, 2, 2)``).
 
     ``stem="imagenet"`` is torchvision's 7x7/2 conv + 3x3/2 max-pool; ``stem="cifar"``
@@ -112,8 +117,6 @@ class ResNetConfig:
     width: int = 64
     stem: Literal["imagenet", "cifar"] = "imagenet"
     dropout: float = 0.0
-    bn_momentum: float | None = 0.1
-    bn_eps: float = 1e-5
     zero_init_residual: bool = False
 
     def __post_init__(self):

@@ -5,7 +5,9 @@ Inputs are NCHW (images) or (N, features). The mode is torch's own switch,
 mean and *biased* batch variance and updates its buffers in place (running_var with the
 *unbiased* variance); Dropout draws its masks from torch's global generator
 (``torch.manual_seed``) and is the identity in eval. Layer names
-(``fc1``, ``bn1``, ``layer1.0.bn2``, ...) are the same in ``flaxbn``.
+(``fc1``, ``bn1``, ``drop1``, ``layer1.0.bn2``, ...) are the same in ``flaxbn``, whose
+``linen_models.py`` and ``nnx_models.py`` mirror this file: the same helpers in the same
+order, the same classes, ``use_bn=False`` leaving the BatchNorm layers out.
 """
 
 from __future__ import annotations
@@ -17,13 +19,33 @@ from torch import nn
 
 from torchbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig, check_input
 
+# --- layers, configured once ------------------------------------------------------------------
+
 
 def _check(model: nn.Module, x: torch.Tensor) -> None:
     check_input(model.cfg, tuple(x.shape), x.is_floating_point(), model.training)
 
 
-def _bn(kind: type[nn.modules.batchnorm._BatchNorm], features: int, cfg) -> nn.Module:
+def _batch_norm(cfg: ModelConfig, features: int, *, images: bool) -> nn.Module:
+    """BatchNorm2d over (N, C, H, W) when ``images``, else BatchNorm1d over (N, C)."""
+    kind = nn.BatchNorm2d if images else nn.BatchNorm1d
     return kind(features, eps=cfg.bn_eps, momentum=cfg.bn_momentum)
+
+
+def _conv(c_in: int, c_out: int, *, kernel: int, stride: int = 1, padding: int, bias: bool = False) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=bias)
+
+
+def _linear(n_in: int, n_out: int) -> nn.Linear:
+    return nn.Linear(n_in, n_out)
+
+
+def _dropout(rate: float, *, channelwise: bool = False) -> nn.Module:
+    """Element-wise Dropout, or Dropout2d: one Bernoulli draw per (sample, channel)."""
+    return nn.Dropout2d(rate) if channelwise else nn.Dropout(rate)
+
+
+# --- models -----------------------------------------------------------------------------------
 
 
 class MLP(nn.Module):
@@ -34,17 +56,19 @@ class MLP(nn.Module):
         self.cfg = cfg
         widths = (cfg.in_features, *cfg.hidden)
         for i, (n_in, n_out) in enumerate(itertools.pairwise(widths), start=1):
-            setattr(self, f"fc{i}", nn.Linear(n_in, n_out))
-            setattr(self, f"bn{i}", _bn(nn.BatchNorm1d, n_out, cfg) if cfg.use_bn else nn.Identity())
-            setattr(self, f"drop{i}", nn.Dropout(cfg.dropout))
-        self.head = nn.Linear(widths[-1], cfg.num_classes)
+            setattr(self, f"fc{i}", _linear(n_in, n_out))
+            if cfg.use_bn:
+                setattr(self, f"bn{i}", _batch_norm(cfg, n_out, images=False))
+            setattr(self, f"drop{i}", _dropout(cfg.dropout))
+        self.head = _linear(widths[-1], cfg.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in_features) -> (N, num_classes) logits."""
         _check(self, x)
         for i in range(1, len(self.cfg.hidden) + 1):
             x = getattr(self, f"fc{i}")(x)
-            x = getattr(self, f"bn{i}")(x)
+            if self.cfg.use_bn:
+                x = getattr(self, f"bn{i}")(x)
             x = getattr(self, f"drop{i}")(torch.relu(x))
         return self.head(x)
 
@@ -62,42 +86,45 @@ class CNN(nn.Module):
         self.cfg = cfg
         chans = (cfg.in_channels, *cfg.channels)
         for i, (c_in, c_out) in enumerate(itertools.pairwise(chans), start=1):
-            conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=not cfg.use_bn)
-            setattr(self, f"conv{i}", conv)
-            setattr(self, f"bn{i}", _bn(nn.BatchNorm2d, c_out, cfg) if cfg.use_bn else nn.Identity())
-            # Dropout2d zeroes whole channels: one Bernoulli draw per (sample, channel).
-            setattr(self, f"drop{i}", nn.Dropout2d(cfg.dropout2d))
+            setattr(self, f"conv{i}", _conv(c_in, c_out, kernel=3, padding=1, bias=not cfg.use_bn))
+            if cfg.use_bn:
+                setattr(self, f"bn{i}", _batch_norm(cfg, c_out, images=True))
+            setattr(self, f"drop{i}", _dropout(cfg.dropout2d, channelwise=True))
         c, h, w = cfg.flatten_shape
-        self.fc = nn.Linear(c * h * w, cfg.hidden)
-        self.fc_bn = _bn(nn.BatchNorm1d, cfg.hidden, cfg) if cfg.use_bn else nn.Identity()
-        self.drop = nn.Dropout(cfg.dropout)
-        self.head = nn.Linear(cfg.hidden, cfg.num_classes)
+        self.fc = _linear(c * h * w, cfg.hidden)
+        if cfg.use_bn:
+            self.fc_bn = _batch_norm(cfg, cfg.hidden, images=False)
+        self.drop = _dropout(cfg.dropout)
+        self.head = _linear(cfg.hidden, cfg.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, num_classes) logits."""
         _check(self, x)
         for i in range(1, len(self.cfg.channels) + 1):
-            x = torch.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
-            x = getattr(self, f"drop{i}")(nn.functional.max_pool2d(x, 2))
+            x = getattr(self, f"conv{i}")(x)
+            if self.cfg.use_bn:
+                x = getattr(self, f"bn{i}")(x)
+            x = nn.functional.max_pool2d(torch.relu(x), 2)
+            x = getattr(self, f"drop{i}")(x)
         x = torch.flatten(x, 1)  # (N, C, H, W) -> (N, C*H*W), channel-major
-        x = self.drop(torch.relu(self.fc_bn(self.fc(x))))
-        return self.head(x)
+        x = self.fc(x)
+        if self.cfg.use_bn:
+            x = self.fc_bn(x)
+        return self.head(self.drop(torch.relu(x)))
 
 
 class BasicBlock(nn.Module):
     """torchvision's BasicBlock: two 3x3 convs, identity or 1x1 ``downsample`` shortcut."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int, cfg: ResNetConfig):
+    def __init__(self, cfg: ResNetConfig, c_in: int, c_out: int, *, stride: int):
         super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = _bn(nn.BatchNorm2d, c_out, cfg)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
-        self.bn2 = _bn(nn.BatchNorm2d, c_out, cfg)
-        self.downsample = None
-        if stride != 1 or c_in != c_out:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), _bn(nn.BatchNorm2d, c_out, cfg)
-            )
+        self.conv1 = _conv(c_in, c_out, kernel=3, stride=stride, padding=1)
+        self.bn1 = _batch_norm(cfg, c_out, images=True)
+        self.conv2 = _conv(c_out, c_out, kernel=3, padding=1)
+        self.bn2 = _batch_norm(cfg, c_out, images=True)
+        # torch's nn.Sequential(conv1x1, bn): entries 0 and 1
+        shortcut = [_conv(c_in, c_out, kernel=1, stride=stride, padding=0), _batch_norm(cfg, c_out, images=True)]
+        self.downsample = nn.Sequential(*shortcut) if stride != 1 or c_in != c_out else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -113,18 +140,20 @@ class ResNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         if cfg.stem == "imagenet":
-            self.conv1 = nn.Conv2d(cfg.in_channels, cfg.width, 7, stride=2, padding=3, bias=False)
+            self.conv1 = _conv(cfg.in_channels, cfg.width, kernel=7, stride=2, padding=3)
         else:
-            self.conv1 = nn.Conv2d(cfg.in_channels, cfg.width, 3, stride=1, padding=1, bias=False)
-        self.bn1 = _bn(nn.BatchNorm2d, cfg.width, cfg)
+            self.conv1 = _conv(cfg.in_channels, cfg.width, kernel=3, padding=1)
+        self.bn1 = _batch_norm(cfg, cfg.width, images=True)
         c_in = cfg.width
         for i, (blocks, c_out) in enumerate(zip(cfg.layers, cfg.stage_widths(), strict=True), start=1):
             stride = 1 if i == 1 else 2
-            stage = [BasicBlock(c_in if b == 0 else c_out, c_out, stride if b == 0 else 1, cfg) for b in range(blocks)]
+            stage = [
+                BasicBlock(cfg, c_in if b == 0 else c_out, c_out, stride=stride if b == 0 else 1) for b in range(blocks)
+            ]
             setattr(self, f"layer{i}", nn.Sequential(*stage))
             c_in = c_out
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.fc = nn.Linear(c_in, cfg.num_classes)
+        self.dropout = _dropout(cfg.dropout)
+        self.fc = _linear(c_in, cfg.num_classes)
         self._init_like_torchvision()
 
     def _init_like_torchvision(self) -> None:
@@ -150,10 +179,7 @@ class ResNet(nn.Module):
 
 def build(cfg: ModelConfig) -> nn.Module:
     """The torch model for a configuration."""
-    if isinstance(cfg, MLPConfig):
-        return MLP(cfg)
-    if isinstance(cfg, CNNConfig):
-        return CNN(cfg)
-    if isinstance(cfg, ResNetConfig):
-        return ResNet(cfg)
-    raise TypeError(f"unknown config type {type(cfg).__name__}; expected MLPConfig, CNNConfig or ResNetConfig")
+    kinds = {MLPConfig: MLP, CNNConfig: CNN, ResNetConfig: ResNet}
+    if type(cfg) not in kinds:
+        raise TypeError(f"unknown config type {type(cfg).__name__}; expected MLPConfig, CNNConfig or ResNetConfig")
+    return kinds[type(cfg)](cfg)

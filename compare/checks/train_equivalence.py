@@ -82,7 +82,7 @@ def _flax_side(s: Setup, api: str, bn_semantics: str, step_masks) -> dict[str, A
             apply, variables["params"], variables["batch_stats"], s.flax_x, jnp.asarray(s.labels), jax.random.key(0)
         )
     else:
-        model = transfer.torch_to_nnx(sd, s.spec, s.spec.build_nnx(bn_semantics=bn_semantics))
+        model = transfer.torch_to_nnx(sd, s.spec, s.spec.build_nnx(nnx.Rngs(0), bn_semantics=bn_semantics))
         model.train()
         with masks.inject_nnx(model, s.sites, step_masks):
             (loss, logits), grads_state = ftrain.nnx_loss_and_grads(model, s.flax_x, jnp.asarray(s.labels))
@@ -227,7 +227,7 @@ class _NnxRun:
 
     def __init__(self, s: Setup, tx):
         self.spec, self.sites, self.dtype = s.spec, s.sites, _torch_dtype(s.x)
-        model = s.spec.build_nnx(bn_semantics="torch")
+        model = s.spec.build_nnx(nnx.Rngs(0), bn_semantics="torch")  # its dropouts are replaced by masks
         self.model = transfer.torch_to_nnx(s.torch_model.state_dict(), s.spec, model, float_dtype=s.x.dtype)
         self.model.train()
         self.optimizer = nnx.Optimizer(self.model, tx, wrt=nnx.Param)

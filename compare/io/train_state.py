@@ -32,6 +32,7 @@ import torch
 from flax import nnx
 
 import flaxbn.train as ftrain
+from compare import transfer
 from compare.io.checkpoint import CheckpointError, read_arrays, spec_from_metadata, spec_metadata, write_arrays
 from compare.registry import ModelSpec
 
@@ -52,13 +53,8 @@ def _read(path: Path, kind: str) -> tuple[dict[str, np.ndarray], dict[str, str],
 
 
 def _compare(path: Path, got: dict[str, np.ndarray], want: dict[str, Any]) -> None:
-    problems = [f"missing '{k}'" for k in want if k not in got]
-    problems += [f"unexpected '{k}'" for k in got if k not in want]
-    for k in want:
-        if k in got:
-            w = np.asarray(want[k])
-            if got[k].shape != w.shape or got[k].dtype != w.dtype:
-                problems.append(f"'{k}': expected {w.dtype}{list(w.shape)}, found {got[k].dtype}{list(got[k].shape)}")
+    expected = {k: (tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in want.items()}
+    problems = transfer.validate(got, expected, allow_nonfinite=True)
     if problems:
         raise CheckpointError(f"{path}: does not fit the model and optimizer: " + "; ".join(problems))
 
