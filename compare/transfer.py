@@ -4,9 +4,7 @@ One declarative table says how each torch layer type's tensors move (``LAYER_RUL
 everything else is validation. Every direction goes through one flat Flax form,
 ``{"params/layer1/0/conv1/kernel": array, "batch_stats/bn1/mean": array, ...}``, which
 linen variables and nnx state both flatten to, since layer names are the same.
-
 Rules:
-
 * strict: missing keys, unexpected keys, wrong shapes, incompatible dtypes and non-finite
   values (unless ``allow_nonfinite=True``) raise one :class:`TransferError` that lists
   every problem; nothing is half-loaded (validation runs before anything is written);
@@ -16,8 +14,7 @@ Rules:
 * ``num_batches_tracked`` (torch int64) lives in Flax ``batch_stats`` as int32;
 * the first Linear after a flatten has its input features permuted, (C, H, W) <-> (H, W, C).
 
-Round trips are bit-exact in every direction.
-"""
+Round trips are bit-exact in every direction."""
 
 from __future__ import annotations
 
@@ -40,9 +37,8 @@ from torchbn.config import CNNConfig
 
 FlatFlax = dict[str, np.ndarray]  # "params/fc1/kernel" -> array
 PREFIXES = ("_orig_mod.", "module.")
-# A model that a transfer function builds itself (``model=None``) gets ``nnx.Rngs(NNX_SEED)``:
-# its parameters are overwritten, but its Dropout stream starts from this seed. Pass a
-# model built with your own ``Rngs`` to choose the stream.
+# An nnx model built here (``model=None``) gets nnx.Rngs(NNX_SEED): its weights are
+# overwritten, its Dropout stream starts from this seed (pass ``model`` to choose).
 NNX_SEED = 0
 _COUNT = "num_batches_tracked"
 
@@ -191,9 +187,8 @@ def _numpy(x: Any) -> np.ndarray:
 def validate(
     given: Mapping[str, Any], expected: Mapping[str, tuple[tuple[int, ...], str]], allow_nonfinite: bool
 ) -> list[str]:
-    """Every problem of ``given`` against ``expected`` = {key: (shape, dtype)}: missing and
-    unexpected keys, shapes, dtypes and non-finite values. The dtype is a kind, 'float' or
-    'int' (any float or integer dtype passes), or an exact name such as 'float32'."""
+    """Every problem of ``given`` against ``expected`` = {key: (shape, dtype)}: keys, shapes,
+    dtypes, non-finite values. dtype: a kind ('float', 'int') or an exact name ('float32')."""
     problems = [f"missing key '{k}' (expected shape {expected[k][0]})" for k in expected if k not in given]
     problems += [f"unexpected key '{k}' (shape {_shape(given[k])})" for k in given if k not in expected]
     for key, (shape, kind) in expected.items():

@@ -2,9 +2,11 @@
 (NHWC, ``momentum=0.9`` for torch's 0.1). Imports jax, flax and optax only; never torch
 or ``compare``."""
 
-from flaxbn import linen_models, nnx_models
+from flaxbn import linen_models, nnx_models, parallel
 from flaxbn.batchnorm import LinenBatchNorm, LinenTorchBatchNorm, NnxBatchNorm, NnxTorchBatchNorm
 from flaxbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig
+
+__version__ = "0.2.0"  # the same in torchbn, flaxbn and compare (one distribution)
 
 __all__ = [
     "CNNConfig",
@@ -15,6 +17,8 @@ __all__ = [
     "NnxBatchNorm",
     "NnxTorchBatchNorm",
     "ResNetConfig",
+    "__version__",
     "linen_models",
     "nnx_models",
+    "parallel",
 ]

@@ -21,3 +21,28 @@ def test_readme_opens_with_the_main_job_and_the_test_command_and_ci_runs_the_lat
     assert commands[0].endswith("python -m compare.run")
     assert "pytest" in commands[1]
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_oldest_versions_in_the_readme_are_the_lower_bounds_of_pyproject():
+    """One place for the bounds (pyproject.toml); the README's 'oldest' row must say the same."""
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    bounds = dict(re.fullmatch(r"([\w-]+)>=([\w.]+)", d.split("#")[0].strip()).groups() for d in deps)
+    row = next(line for line in README.splitlines() if line.startswith("| oldest"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    numpy, torch, jax, flax, optax, chex = cells[2:8]
+    assert (numpy, torch, jax, flax, optax, chex) == tuple(
+        bounds[k] for k in ("numpy", "torch", "jax", "flax", "optax", "chex")
+    )
+
+
+def test_the_three_packages_carry_one_version_and_the_changelog_and_citation_name_it():
+    import compare
+    import flaxbn
+    import torchbn
+
+    assert compare.__version__ == flaxbn.__version__ == torchbn.__version__
+    assert f"## {compare.__version__} " in (ROOT / "CHANGELOG.md").read_text()
+    assert f"version: {compare.__version__}" in (ROOT / "CITATION.cff").read_text()
+    assert "Apache License" in (ROOT / "LICENSE").read_text()

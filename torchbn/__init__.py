@@ -6,4 +6,17 @@ Imports torch and numpy only; never jax, flax or ``compare``.
 from torchbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig
 from torchbn.models import CNN, MLP, BasicBlock, ResNet, build
 
-__all__ = ["CNN", "MLP", "BasicBlock", "CNNConfig", "MLPConfig", "ModelConfig", "ResNet", "ResNetConfig", "build"]
+__version__ = "0.2.0"  # the same in torchbn, flaxbn and compare (one distribution)
+
+__all__ = [
+    "CNN",
+    "MLP",
+    "BasicBlock",
+    "CNNConfig",
+    "MLPConfig",
+    "ModelConfig",
+    "ResNet",
+    "ResNetConfig",
+    "__version__",
+    "build",
+]

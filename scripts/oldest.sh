@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The lower bounds of pyproject.toml, tested: bash scripts/oldest.sh
+#
+# Makes a scratch virtual environment (.venv-oldest, outside git) with exactly the oldest
+# allowed numpy, torch, jax/jaxlib, flax, optax and chex (the ">=" bounds of
+# pyproject.toml, pinned with a constraints file), then runs the fast part of the suite
+# there: every spec fact (-m spec) and the transfer, model and checkpoint tests. A bound
+# that does not hold must be raised in pyproject.toml, not claimed. The other dependencies
+# (rich, matplotlib, scikit-learn, safetensors) resolve to what pip picks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+env=.venv-oldest
+pins=$(mktemp)
+trap 'rm -f "$pins"' EXIT
+"$PY" - "$pins" <<'PY'
+import re, sys, tomllib
+deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+pins = {}
+for dep in deps:
+    m = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9][0-9A-Za-z.]*)", dep.split(";")[0].split("#")[0].strip())
+    if m and m.group(1) in ("numpy", "torch", "jax", "flax", "optax", "chex"):
+        pins[m.group(1)] = m.group(2)
+missing = {"numpy", "torch", "jax", "flax", "optax", "chex"} - set(pins)
+assert not missing, f"pyproject.toml has no '>=' bound for {sorted(missing)}"
+pins["jaxlib"] = pins["jax"]
+open(sys.argv[1], "w").write("".join(f"{k}=={v}\n" for k, v in sorted(pins.items())))
+print("oldest: " + ", ".join(f"{k} {v}" for k, v in sorted(pins.items())))
+PY
+[ -x "$env/bin/python" ] || "$PY" -m venv "$env"
+quiet() { "$@" 2> >(grep -v "^WARNING: Location" >&2); }
+torch_pin=$(grep '^torch==' "$pins" | cut -d= -f3)
+quiet "$env/bin/python" -m pip install --quiet --disable-pip-version-check "torch==${torch_pin}"
+quiet "$env/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[test]" -c "$pins"
+"$env/bin/python" - "$pins" <<'PY'
+import sys
+from importlib import metadata
+from packaging.version import Version
+want = dict(line.strip().split("==") for line in open(sys.argv[1]) if line.strip())
+got = {k: metadata.version(k) for k in want}
+bad = {k: (want[k], got[k]) for k in want if Version(got[k]).release != Version(want[k]).release}
+assert not bad, f"the oldest environment did not get the pinned versions: {bad}"
+PY
+"$env/bin/python" -m pytest -q -p no:cacheprovider -m spec tests/
+"$env/bin/python" -m pytest -q -p no:cacheprovider tests/test_transfer.py tests/test_models.py tests/test_checkpoint.py tests/test_records.py
