@@ -2,7 +2,9 @@
 
 Runs the chosen suites, writes ``results.json`` and ``report.md`` (and PNG plots) into
 ``--out`` (default: a new time-stamped folder under ``runs/``), prints the tables, and
-exits non-zero when any check that should hold does not.
+exits non-zero when any check that should hold does not. Results are rewritten after every
+suite and every benchmark group, so a run stopped by SIGTERM or Ctrl-C keeps what it
+finished (exit status 143 or 130); ``--budget-s`` and ``--resume`` plan around that.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse
 import datetime
+import signal
 import sys
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from compare import registry
 from compare.checks import equivalence
 from compare.report import console as console_report
-from compare.report import markdown, plots, results
+from compare.report import plots, results
 
 QUICK_MODELS = ["mlp", "cnn", "resnet18", "resnet18_cifar"]
 DEFAULT_SUITES = ["equivalence", "bench"]
@@ -32,7 +35,7 @@ SUITES = ["equivalence", "spec", "bench", "train", "distributed"]
 TRAIN_MODELS = ["mlp", "cnn"]
 
 
-def _equivalence(args, progress) -> dict[str, list[dict]]:
+def _equivalence(args, progress, saved) -> dict[str, list[dict]]:
     models = list(registry.NAMES) if args.full else QUICK_MODELS
     seeds = [0, 1, 2] if args.full else [0]
     progress(None, len(models) * len(seeds) * 2)
@@ -42,7 +45,7 @@ def _equivalence(args, progress) -> dict[str, list[dict]]:
     return {"equivalence": records}
 
 
-def _spec(args, progress) -> dict[str, list[dict]]:
+def _spec(args, progress, saved) -> dict[str, list[dict]]:
     """The spec facts (pytest), then the train-mode equivalence records of mlp and cnn."""
     from compare.checks import spec, train_equivalence
 
@@ -55,20 +58,35 @@ def _spec(args, progress) -> dict[str, list[dict]]:
     return {"spec": facts, "equivalence": train}
 
 
-def _bench(args, progress) -> dict:
+def _bench(args, progress, saved) -> dict:
+    """The benchmark sweep; every finished group is saved at once (``saved``)."""
     from compare import bench
 
-    sweep = bench.SWEEPS[f"{'full' if args.full else 'quick'}-{args.device}"]
-    groups = sweep.groups()
-    progress(
-        None, sum(len([i for i in bench.all_implementations(args.device) if sweep.runs(m, i)]) for m, _, _ in groups)
-    )
-    records, settings = bench.run(sweep, args.device, progress=lambda what: progress(what, None))
+    sweep = bench.SWEEPS[args.sweep or f"{'full' if args.full else 'quick'}-{args.device}"]
+    done = frozenset((r["model"], r["batch_size"], r["dtype"]) for r in saved.data.get("bench", []))
+    groups = [g for g in sweep.groups() if g not in done]
+    impls = bench.all_implementations(args.device)
+    progress(None, sum(len([i for i in impls if sweep.runs(m, i)]) for m, _, _ in groups))
     skipped = {f"{m}/{i}": bench.SKIP_REASONS.get((m, i), "left out of this sweep") for m, i in sweep.skip}
-    return {"bench": records, "meta": {"bench_settings": {**settings, "skipped": skipped}}}
+
+    def on_group(records, settings):
+        saved.merge({"bench": records, "meta": {"bench_settings": {**settings, "skipped": skipped}}})
+        saved.save()
+
+    _, settings = bench.run(
+        sweep,
+        args.device,
+        progress=lambda what: progress(what, None),
+        on_group=on_group,
+        budget_s=args.budget_s,
+        done=done,
+    )
+    # a sweep cut short by its budget is not done: --resume runs the groups it skipped
+    complete = all(state.startswith("done") for state in settings["groups"].values())
+    return {"meta": {"bench_settings": {**settings, "skipped": skipped}}, "complete": complete}
 
 
-def _train(args, progress) -> dict:
+def _train(args, progress, saved) -> dict:
     from compare.experiments import claims, data, training
 
     grid = training.GRIDS["full" if args.full else "quick"]
@@ -79,7 +97,7 @@ def _train(args, progress) -> dict:
     return {"train": records, "meta": {"train_summary": summary}}
 
 
-def _distributed(args, progress) -> dict:
+def _distributed(args, progress, saved) -> dict:
     """JAX on 2, 4 and 8 simulated CPU devices (a subprocess), torch DDP on 2 processes.
     Correctness only: throughput scaling needs a real multi-GPU machine."""
     import tempfile
@@ -112,7 +130,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--device", choices=["auto", "cpu", "gpu"], default="auto", help="auto: gpu when one is visible"
     )
-    parser.add_argument("--out", type=Path, help="output folder (default: runs/<timestamp>)")
+    parser.add_argument("--out", type=Path, help="output folder (default: runs/<timestamp>, or the --resume folder)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        help="bench: seconds the sweep may take; groups run by priority and a group whose expected time "
+        "does not fit is skipped (and listed with the reason)",
+    )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="continue the run in DIR: suites it finished and benchmark groups in DIR/results.json are not run again",
+    )
+    parser.add_argument("--sweep", help="bench: the sweep by name (default: quick-<device> or full-<device>)")
     parser.add_argument(
         "--dataset",
         default="digits",
@@ -126,8 +157,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     suites = args.suite or DEFAULT_SUITES
     args.suites = SUITES if "all" in suites else list(dict.fromkeys(suites))
     args.device = _resolve_device(args.device, parser)
+    if args.sweep is not None:
+        from compare.bench import SWEEPS
+
+        if args.sweep not in SWEEPS:
+            parser.error(f"--sweep {args.sweep}: known sweeps are {', '.join(SWEEPS)}")
+    if args.resume is not None and not (args.resume / "results.json").is_file():
+        parser.error(f"--resume {args.resume}: no results.json there")
     if args.out is None:
-        args.out = Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        args.out = args.resume or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return args
 
 
@@ -143,35 +181,65 @@ def _resolve_device(device: str, parser: argparse.ArgumentParser) -> str:
     return device
 
 
+class Stopped(Exception):
+    """Raised by the SIGTERM handler, so that the run saves what it has and exits."""
+
+
+def _stop(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     console = Console() if sys.stdout.isatty() else Console(width=120)
-    args.out.mkdir(parents=True, exist_ok=True)
-    out: dict = {"meta": results.meta(args.device)}
+    data: dict = {"meta": results.meta(args.device)}
+    if args.resume is not None:
+        old = results.load(args.resume / "results.json")
+        data = {**old, "meta": {**old["meta"], **data["meta"], "resumed_from": str(args.resume)}}
+    saved = results.Results(args.out, data)
+    done_suites = set(data["meta"].get("suites_done", []))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as bar:
-        for suite in args.suites:
-            task = bar.add_task(suite, total=None)
+    previous = signal.signal(signal.SIGTERM, _stop)
+    status = 0
+    try:
+        with Progress(*columns, console=console) as bar:
+            for suite in args.suites:
+                if suite in done_suites:
+                    console.print(f"{suite}: already in {args.resume}, not run again")
+                    continue
+                task = bar.add_task(suite, total=None)
 
-            def progress(what, total, task=task, suite=suite):
-                if total is not None:
-                    bar.update(task, total=total)
-                if what is not None:
-                    bar.update(task, advance=1, description=f"{suite}: {what}")
+                def progress(what, total, task=task, suite=suite):
+                    if total is not None:
+                        bar.update(task, total=total)
+                    if what is not None:
+                        bar.update(task, advance=1, description=f"{suite}: {what}")
 
-            for key, records in RUNNERS[suite](args, progress).items():
-                if key == "meta":
-                    out["meta"].update(records)
-                else:
-                    out.setdefault(key, []).extend(records)
+                saved.data["meta"]["running"] = suite
+                part = RUNNERS[suite](args, progress, saved)
+                complete = part.pop("complete", True)
+                saved.merge(part)
+                if complete:
+                    saved.data["meta"]["suites_done"] = [*saved.data["meta"].get("suites_done", []), suite]
+                saved.save()
+        saved.data["meta"].pop("running", None)
+    except (Stopped, KeyboardInterrupt) as e:
+        name = str(e) if isinstance(e, Stopped) else "SIGINT"
+        saved.data["meta"]["stopped"] = f"{name} during {saved.data['meta'].pop('running', '?')}"
+        status = 128 + signal.Signals[name].value
+        console.print(f"[yellow]stopped by {name}: results so far in {args.out}[/yellow]")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    out = saved.data
     plots.divergence(out.get("equivalence", []), args.out / "train_divergence.png")
     plots.throughput(out.get("bench", []), args.out / "bench_throughput.png")
     plots.compile_vs_steady(out.get("bench", []), args.out / "bench_compile_vs_steady.png")
     plots.learning_curves(out.get("train", []), args.out / "train_learning_curves.png")
     plots.accuracy_vs_lr(out.get("train", []), args.out / "train_accuracy_vs_lr.png")
     plots.gap_vs_dropout(out.get("train", []), args.out / "train_gap_vs_dropout.png")
-    results.write(args.out / "results.json", out)
-    (args.out / "report.md").write_text(markdown.render(out, args.out))
+    saved.save()
+    if status:
+        return status
     console_report.show(out, console)
     failed = results.failures(out)
     console.print(f"wrote {args.out / 'results.json'} and {args.out / 'report.md'}")

@@ -38,7 +38,7 @@ from importlib import metadata
 from packaging.version import Version
 want = dict(line.strip().split("==") for line in open(sys.argv[1]) if line.strip())
 got = {k: metadata.version(k) for k in want}
-bad = {k: (want[k], got[k]) for k in want if Version(got[k]).release != Version(want[k]).release}
+bad = {k: (want[k], got[k]) for k in want if Version(Version(got[k]).public) != Version(want[k])}
 assert not bad, f"the oldest environment did not get the pinned versions: {bad}"
 PY
 "$env/bin/python" -m pytest -q -p no:cacheprovider -m spec tests/

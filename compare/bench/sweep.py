@@ -44,9 +44,12 @@ class Sweep:
     impls: tuple[str, ...] | None = None  # None: all
     matmul_n: int = 1024
     skip: tuple[tuple[str, str], ...] = ()  # (model, impl) pairs left out, with SKIP_REASONS
+    priority: tuple[tuple[str, int, str], ...] = ()  # (model, batch, dtype) groups run first, in this order
 
-    def groups(self):
-        return [(m, b, d) for m in self.models for d in self.dtypes for b in self.models[m]]
+    def groups(self) -> list[tuple[str, int, str]]:
+        """Every (model, batch, dtype): the ``priority`` groups first, then the others in order."""
+        every = [(m, b, d) for m in self.models for d in self.dtypes for b in self.models[m]]
+        return [g for g in self.priority if g in every] + [g for g in every if g not in self.priority]
 
     def runs(self, model: str, impl: str) -> bool:
         return (self.impls is None or impl in self.impls) and (model, impl) not in self.skip
@@ -59,6 +62,10 @@ SKIP_REASONS = {
 
 
 SWEEPS = {
+    # Seconds, for tests of the run machinery (stopping, budget, resume): three tiny groups.
+    "smoke-cpu": Sweep(
+        {"mlp": (8, 16, 32)}, rounds=2, round_seconds=0.2, impls=("torch-eager", "jax-linen-jit"), matmul_n=128
+    ),
     # The default run: the CPU target (batch 256), under 2 minutes on 2 cores.
     "quick-cpu": Sweep({"mlp": (256,), "cnn": (256,)}, skip=(("cnn", "jax-scan"),)),
     "full-cpu": Sweep(
@@ -68,6 +75,15 @@ SWEEPS = {
         {"mlp": (256, 4096), "cnn": (256, 1024), "resnet18_cifar": (256, 512)},
         dtypes=("float32", "bfloat16"),
         matmul_n=8192,
+        # the groups the README quotes, so that a run cut short by its budget has them
+        priority=(
+            ("mlp", 256, "float32"),
+            ("mlp", 4096, "bfloat16"),
+            ("cnn", 256, "float32"),
+            ("cnn", 1024, "bfloat16"),
+            ("resnet18_cifar", 256, "float32"),
+            ("resnet18_cifar", 512, "bfloat16"),
+        ),
     ),
     "full-gpu": Sweep(
         {
@@ -181,14 +197,66 @@ def measure_peaks(dtypes, device: str, n: int) -> dict[str, float]:
     }
 
 
-def run(sweep: Sweep, device: str, progress: Callable | None = None) -> tuple[list[dict], dict]:
-    """Every group of the sweep; returns (records, settings for the record)."""
+def group_key(model: str, batch: int, dtype: str) -> str:
+    """How a group is named in ``bench_settings``: ``model/b<batch>/<dtype>``."""
+    return f"{model}/b{batch}/{dtype}"
+
+
+def estimate_s(group: tuple[str, int, str], spent: dict[tuple[str, int, str], float]) -> float | None:
+    """The expected seconds of ``group`` from the groups measured so far: the slowest group
+    of the same model (compilation dominates and hardly depends on the batch), else twice
+    the slowest group of any model, else None (nothing measured yet)."""
+    same = [s for (m, _, _), s in spent.items() if m == group[0]]
+    if same:
+        return max(same)
+    return 2 * max(spent.values()) if spent else None
+
+
+def run(
+    sweep: Sweep,
+    device: str,
+    progress: Callable | None = None,
+    *,
+    on_group: Callable[[list[dict], dict], None] | None = None,
+    budget_s: float | None = None,
+    done: frozenset[tuple[str, int, str]] = frozenset(),
+) -> tuple[list[dict], dict]:
+    """Every group of the sweep, in priority order; returns (records, settings).
+
+    ``on_group(records, settings)`` is called after each finished group (to write the
+    results so far). With ``budget_s``, a group whose estimated time (:func:`estimate_s`)
+    does not fit in what is left is not started; ``done`` groups (already measured, for
+    ``--resume``) are not run again. ``settings["groups"]`` says what happened to each
+    group: ``done``, ``skipped: <why>``, or ``not reached`` while the run is on.
+    """
+    t_start = time.perf_counter()
     settings = {**runners_torch.configure(device), **runners_jax.configure(device)}
-    peaks = measure_peaks(sweep.dtypes, device, sweep.matmul_n)
-    settings["peak_matmul_tflops_per_s"] = peaks
-    records = []
-    for name, batch, dtype in sweep.groups():
-        records += bench_group(name, batch, dtype, device, sweep, peaks[dtype], progress)
+    settings["peak_matmul_tflops_per_s"] = measure_peaks(sweep.dtypes, device, sweep.matmul_n)
+    groups = sweep.groups()
+    status = settings["groups"] = {group_key(*g): "not reached" for g in groups}
+    if budget_s is not None:
+        settings["budget_s"] = budget_s
+    records, spent = [], {}
+    for group in groups:
+        key = group_key(*group)
+        if group in done:
+            status[key] = "done (in the resumed results)"
+            continue
+        left = None if budget_s is None else budget_s - (time.perf_counter() - t_start)
+        expected = estimate_s(group, spent)
+        if left is not None and (left <= 0 or (expected is not None and expected > left)):
+            status[key] = f"skipped: over the budget (expected {expected or 0:.0f} s, {max(left, 0):.0f} s left)"
+            continue
+        t0 = time.perf_counter()
+        new = bench_group(
+            group[0], group[1], group[2], device, sweep, settings["peak_matmul_tflops_per_s"][group[2]], progress
+        )
+        spent[group] = time.perf_counter() - t0
+        status[key] = f"done in {spent[group]:.0f} s"
+        records += new
+        if on_group:
+            on_group(new, settings)
+    settings["wall_s"] = time.perf_counter() - t_start
     return records, settings
 
 

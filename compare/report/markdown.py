@@ -86,11 +86,14 @@ def _bench_md(results: dict[str, Any], out: Path | None) -> list[str]:
         "",
         *_md_table(Speedup.columns(), speedups(records)),
         "",
-        "Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items() if k != "skipped"),
+        "Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items() if k not in ("skipped", "groups")),
         "",
     ]
     for what, why in settings.get("skipped", {}).items():
         lines.append(f"* not run: `{what}`: {why}")
+    for group, state in settings.get("groups", {}).items():
+        if not state.startswith("done"):
+            lines.append(f"* group `{group}`: {state}")
     lines += ["", *_md_table(BenchRecord.columns(), records), ""]
     for png, caption in [
         ("bench_throughput.png", "throughput against batch size"),
@@ -170,6 +173,8 @@ def render(results: dict[str, Any], out: Path | None = None) -> str:
         *_setting_lines(meta),
         "",
     ]
+    if meta.get("stopped"):
+        lines += [f"**Stopped early** ({meta['stopped']}): what finished before the stop is below.", ""]
     if "equivalence" in results:
         lines += _equivalence_md(results["equivalence"], out)
     if "bench" in results:

@@ -151,3 +151,39 @@ def write(path: Path, results: dict[str, Any]) -> None:
 def failures(results: dict[str, Any]) -> list[dict]:
     """Every record, in any suite, whose ``ok`` is False."""
     return [r for key, recs in results.items() if key != "meta" for r in recs if r.get("ok") is False]
+
+
+def load(path: Path) -> dict[str, Any]:
+    """A results.json written by :func:`write` (for ``--resume``)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot resume from it ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("meta"), dict):
+        raise ValueError(f"{path}: cannot resume from it (not a results.json object with a 'meta')")
+    return data
+
+
+class Results:
+    """The results of one run, kept on disk as they grow: :meth:`save` rewrites
+    results.json and report.md atomically, so a run stopped at any moment leaves every
+    suite and benchmark group it finished."""
+
+    def __init__(self, out_dir: Path, data: dict[str, Any]):
+        self.out_dir, self.data = Path(out_dir), data
+
+    def merge(self, part: dict[str, Any]) -> None:
+        """Add a runner's output: ``{"meta": {...}, "<suite>": [records], ...}``."""
+        for key, value in part.items():
+            if key == "meta":
+                self.data["meta"].update(value)
+            else:
+                self.data.setdefault(key, []).extend(value)
+
+    def save(self) -> None:
+        from compare.report import markdown
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write(self.out_dir / "results.json", self.data)
+        with atomic_path(self.out_dir / "report.md") as tmp:
+            tmp.write_text(markdown.render(self.data, self.out_dir))
