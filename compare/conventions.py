@@ -106,7 +106,7 @@ def torch_config(cfg: fcfg.ModelConfig) -> tcfg.ModelConfig:
     """The torch twin of a Flax configuration (``bn_semantics`` and ``compute_dtype`` have
     no torch field: torch picks mixed precision with autocast at the call site)."""
     fields = dataclasses.asdict(cfg)
-    del fields["bn_semantics"], fields["compute_dtype"], fields["bn_axis_name"]
+    del fields["bn_semantics"], fields["compute_dtype"], fields["bn_axis_name"], fields["bn_variance"]
     fields["bn_momentum"] = None if cfg.bn_momentum is None else flax_to_torch_momentum(cfg.bn_momentum)
     twin = {v: k for k, v in _FLAX_TWIN.items()}
     return twin[type(cfg)](**fields)

@@ -145,6 +145,7 @@ class BenchRecord(Record):
     donated: bool | None = field(optional=True, table=False)
     pattern: str | None = field(optional=True, table=False)
     scan_steps: int | None = field(optional=True, table=False)
+    bn_variance: str | None = field(optional=True, table=False)  # JAX: "two_pass" | "shifted"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -92,7 +92,7 @@ def _train(args, progress, saved) -> dict:
     grid = training.GRIDS["full" if args.full else "quick"]
     dataset = data.load(args.dataset, args.data_dir)
     progress(None, len(grid.runs()))
-    records = training.run(grid, dataset, progress=lambda what: progress(what, None))
+    records = training.run(grid, dataset, progress=lambda what: progress(what, None), device=args.device)
     summary = {"claims": claims.claims(records), "framework_agreement": claims.framework_agreement(records)}
     return {"train": records, "meta": {"train_summary": summary}}
 

@@ -3,7 +3,14 @@
 or ``compare``."""
 
 from flaxbn import linen_models, nnx_models, parallel
-from flaxbn.batchnorm import LinenBatchNorm, LinenTorchBatchNorm, NnxBatchNorm, NnxTorchBatchNorm
+from flaxbn.batchnorm import (
+    LinenBatchNorm,
+    LinenOnePassBatchNorm,
+    LinenTorchBatchNorm,
+    NnxBatchNorm,
+    NnxOnePassBatchNorm,
+    NnxTorchBatchNorm,
+)
 from flaxbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig
 
 __version__ = "0.2.0"  # the same in torchbn, flaxbn and compare (one distribution)
@@ -11,10 +18,12 @@ __version__ = "0.2.0"  # the same in torchbn, flaxbn and compare (one distributi
 __all__ = [
     "CNNConfig",
     "LinenBatchNorm",
+    "LinenOnePassBatchNorm",
     "LinenTorchBatchNorm",
     "MLPConfig",
     "ModelConfig",
     "NnxBatchNorm",
+    "NnxOnePassBatchNorm",
     "NnxTorchBatchNorm",
     "ResNetConfig",
     "__version__",

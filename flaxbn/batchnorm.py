@@ -21,6 +21,18 @@ n/(n-1)), ``momentum=None`` is torch's cumulative average over ``num_batches_tra
 ``track_running_stats=False`` uses batch statistics in eval too, a batch of one value per
 channel raises, and ``epsilon <= 0`` raises. ``momentum`` keeps Flax's direction (0.9 is
 torch's 0.1).
+
+How the batch variance is computed (``variance``, the config's ``bn_variance``):
+``"two_pass"`` (the default, as torch) takes the mean, then the mean of the squared
+deviations: exact, but it reads every activation twice. ``"shifted"`` reads them once:
+it accumulates the sum and the sum of squares of ``x - K`` in float32, where the shift
+``K`` is the first sample's value of each feature (``stop_gradient``), so the two sums
+stay of the size of the spread, not of the mean: no catastrophic cancellation where
+Flax's one-pass ``use_fast_variance`` loses everything (large means, tiny spreads).
+Across devices (``axis_name``) the per-device moments are merged as Chan et al. do:
+``var = mean_d(var_d + (mean_d - mean)^2)``. :class:`LinenOnePassBatchNorm` and
+:class:`NnxOnePassBatchNorm` are the Flax-semantics layers with it; the torch-semantics
+layers take ``variance`` too.
 """
 
 from __future__ import annotations
@@ -32,13 +44,34 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
+VARIANCES = ("two_pass", "shifted")
 
-def _moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-feature (last axis) mean and *biased* variance, two-pass, in float32."""
+
+def _moments(x: jax.Array, variance: str = "two_pass", axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
+    """Per-feature (last axis) mean and *biased* variance in float32 (float64 stays), over
+    every other axis and, with ``axis_name``, over the devices of that mesh axis (equal
+    shards). ``variance``: "two_pass" or "shifted" (see the module docstring)."""
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(x, axes)
-    return mean, jnp.mean(jnp.square(x - mean), axes)
+    if variance == "two_pass":
+        mean = jnp.mean(x, axes)
+        if axis_name is not None:
+            mean = jax.lax.pmean(mean, axis_name)
+        return mean, _pmean(jnp.mean(jnp.square(x - mean), axes), axis_name)
+    if variance != "shifted":
+        raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
+    shift = jax.lax.stop_gradient(x.reshape(-1, x.shape[-1])[0])  # one sample's values: inside the data's range
+    d = x - shift
+    s1, s2 = jnp.mean(d, axes), jnp.mean(jnp.square(d), axes)  # one pass: XLA fuses both reductions
+    mean, var = shift + s1, jnp.maximum(s2 - jnp.square(s1), 0.0)
+    if axis_name is None:
+        return mean, var
+    global_mean = jax.lax.pmean(mean, axis_name)  # Chan's merge of equal-sized shards
+    return global_mean, jax.lax.pmean(var + jnp.square(mean - global_mean), axis_name)
+
+
+def _pmean(x: jax.Array, axis_name: str | None) -> jax.Array:
+    return x if axis_name is None else jax.lax.pmean(x, axis_name)
 
 
 def _per_channel_count(x: jax.Array) -> int:
@@ -121,6 +154,7 @@ class LinenTorchBatchNorm(nn.Module):
     use_scale: bool = True
     use_bias: bool = True
     track_running_stats: bool = True
+    variance: str = "two_pass"
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
@@ -142,7 +176,7 @@ class LinenTorchBatchNorm(nn.Module):
         else:
             if training:
                 _check_torch_batch(x, self.epsilon)
-            mean, var = _moments(x)
+            mean, var = _moments(x, self.variance)
             if training and self.track_running_stats:
                 ra_mean.value, ra_var.value, count.value = _torch_running_update(
                     ra_mean.value, ra_var.value, count.value, mean, var, _per_channel_count(x), self.momentum
@@ -164,9 +198,11 @@ class NnxTorchBatchNorm(nnx.Module):
         use_scale: bool = True,
         use_bias: bool = True,
         track_running_stats: bool = True,
+        variance: str = "two_pass",
         rngs: nnx.Rngs | None = None,
     ):
         del rngs  # accepted for the same signature as nnx.BatchNorm; nothing is random
+        self.variance = variance
         self.use_running_average = use_running_average
         self.momentum, self.epsilon, self.track_running_stats = momentum, epsilon, track_running_stats
         self.scale = nnx.Param(jnp.ones((num_features,))) if use_scale else None
@@ -189,7 +225,7 @@ class NnxTorchBatchNorm(nnx.Module):
         else:
             if not use_ra:
                 _check_torch_batch(x, self.epsilon)
-            mean, var = _moments(x)
+            mean, var = _moments(x, self.variance)
             if not use_ra and self.track_running_stats:
                 new = _torch_running_update(
                     self.mean[...],
@@ -202,3 +238,97 @@ class NnxTorchBatchNorm(nnx.Module):
                 )
                 self.mean[...], self.var[...], self.num_batches_tracked[...] = (jax.lax.stop_gradient(v) for v in new)
         return _normalize(x, mean, var, scale, bias, self.epsilon).astype(x.dtype)
+
+
+# --- Flax semantics, one-pass shifted variance ------------------------------------------------
+
+
+def _result_dtype(x: jax.Array, dtype) -> jnp.dtype:
+    """As stock Flax: ``dtype`` when given, else the input promoted with the float32 parameters."""
+    return dtype if dtype is not None else jnp.promote_types(x.dtype, jnp.float32)
+
+
+class LinenOnePassBatchNorm(nn.Module):
+    """linen BatchNorm with stock Flax statistics (biased running variance, ``momentum`` the
+    weight of the old value, ``axis_name`` for synchronised statistics) and the one-pass
+    shifted variance. Same variables as :class:`LinenBatchNorm`. Features on the last axis."""
+
+    use_running_average: bool | None = None
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: jnp.dtype | None = None
+    use_scale: bool = True
+    use_bias: bool = True
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,)) if self.use_scale else None
+        bias = self.param("bias", nn.initializers.zeros, (c,)) if self.use_bias else None
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        count = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
+        training = not use_ra and not self.is_initializing()
+        if x.size == 0:
+            if training:
+                count.value = count.value + 1
+            return x
+        if use_ra:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            mean, var = _moments(x, "shifted", None if self.is_initializing() else self.axis_name)
+            if training:
+                m = self.momentum
+                ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
+                ra_var.value = m * ra_var.value + (1 - m) * jax.lax.stop_gradient(var)
+                count.value = count.value + 1
+        return _normalize(x, mean, var, scale, bias, self.epsilon).astype(_result_dtype(x, self.dtype))
+
+
+class NnxOnePassBatchNorm(nnx.Module):
+    """nnx BatchNorm with stock Flax statistics and the one-pass shifted variance (see
+    :class:`LinenOnePassBatchNorm`). Same variables as :class:`NnxBatchNorm`."""
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool = False,
+        momentum: float = 0.9,
+        epsilon: float = 1e-5,
+        dtype: jnp.dtype | None = None,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        axis_name: str | None = None,
+        rngs: nnx.Rngs | None = None,
+    ):
+        if rngs is not None:  # draw the two keys nnx.BatchNorm draws: the layers after it get the same weights
+            rngs.params()
+            rngs.params()
+        self.use_running_average = use_running_average
+        self.momentum, self.epsilon, self.dtype, self.axis_name = momentum, epsilon, dtype, axis_name
+        self.scale = nnx.Param(jnp.ones((num_features,))) if use_scale else None
+        self.bias = nnx.Param(jnp.zeros((num_features,))) if use_bias else None
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,)))
+        self.var = nnx.BatchStat(jnp.ones((num_features,)))
+        self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        use_ra = self.use_running_average if use_running_average is None else use_running_average
+        if x.size == 0:
+            if not use_ra:
+                self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
+            return x
+        scale = None if self.scale is None else self.scale[...]
+        bias = None if self.bias is None else self.bias[...]
+        if use_ra:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            mean, var = _moments(x, "shifted", self.axis_name)
+            m = self.momentum
+            self.mean[...] = m * self.mean[...] + (1 - m) * jax.lax.stop_gradient(mean)
+            self.var[...] = m * self.var[...] + (1 - m) * jax.lax.stop_gradient(var)
+            self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
+        return _normalize(x, mean, var, scale, bias, self.epsilon).astype(_result_dtype(x, self.dtype))

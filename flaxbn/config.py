@@ -11,6 +11,8 @@ stock Flax statistics (biased running variance); ``"torch"`` reproduces torch's
 ``bn_axis_name`` is for data parallelism: None keeps per-device batch statistics (each
 device normalises with its own shard's), a mesh axis name (inside ``shard_map``)
 synchronises them over that axis, which equals BatchNorm over the global batch.
+``bn_variance`` is how the batch variance is computed: ``"two_pass"`` (exact, as torch) or
+``"shifted"`` (one pass over the activations, as accurate; ``flaxbn/batchnorm.py``).
 ``compute_dtype="bfloat16"`` is mixed precision: bfloat16 matmuls and convolutions,
 float32 parameters and float32 BatchNorm statistics (torch's autocast, in Flax terms).
 """
@@ -39,6 +41,8 @@ def _common_problems(cfg) -> list[str]:
         problems.append(f"bn_axis_name must be a mesh axis name (str) with bn_semantics='flax', got {axis!r}")
     if cfg.compute_dtype not in ("float32", "bfloat16"):
         problems.append(f"compute_dtype must be 'float32' or 'bfloat16', got {cfg.compute_dtype!r}")
+    if cfg.bn_variance not in ("two_pass", "shifted"):
+        problems.append(f"bn_variance must be 'two_pass' or 'shifted', got {cfg.bn_variance!r}")
     if cfg.bn_semantics not in ("flax", "torch"):
         problems.append(f"bn_semantics must be 'flax' or 'torch', got {cfg.bn_semantics!r}")
     m = cfg.bn_momentum
@@ -69,6 +73,7 @@ class CommonConfig:
     bn_semantics: Literal["flax", "torch"] = "flax"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     bn_axis_name: str | None = None
+    bn_variance: Literal["two_pass", "shifted"] = "two_pass"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from flaxbn.batchnorm import LinenBatchNorm, LinenTorchBatchNorm
+from flaxbn.batchnorm import LinenBatchNorm, LinenOnePassBatchNorm, LinenTorchBatchNorm
 from flaxbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig, check_input
 from flaxbn.pooling import max_pool_2x2
 
@@ -43,7 +43,20 @@ def _batch_norm(cfg: ModelConfig, *, train: bool, name: str) -> nn.Module:
     """Normalises the last axis (features or channels, NHWC); statistics stay float32."""
     if cfg.bn_semantics == "torch":
         return LinenTorchBatchNorm(
-            use_running_average=not train, momentum=cfg.bn_momentum, epsilon=cfg.bn_eps, name=name
+            use_running_average=not train,
+            momentum=cfg.bn_momentum,
+            epsilon=cfg.bn_eps,
+            variance=cfg.bn_variance,
+            name=name,
+        )
+    if cfg.bn_variance == "shifted":
+        return LinenOnePassBatchNorm(
+            use_running_average=not train,
+            momentum=cfg.bn_momentum,
+            epsilon=cfg.bn_eps,
+            axis_name=cfg.bn_axis_name,
+            dtype=_dtype(cfg),
+            name=name,
         )
     return LinenBatchNorm(
         use_running_average=not train,

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxbn.batchnorm import NnxBatchNorm, NnxTorchBatchNorm
+from flaxbn.batchnorm import NnxBatchNorm, NnxOnePassBatchNorm, NnxTorchBatchNorm
 from flaxbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig, check_input
 from flaxbn.pooling import max_pool_2x2
 
@@ -45,7 +45,18 @@ def _dtype(cfg: ModelConfig) -> jnp.dtype | None:
 def _batch_norm(cfg: ModelConfig, features: int, *, rngs: nnx.Rngs) -> nnx.Module:
     """Normalises the last axis (features or channels, NHWC); statistics stay float32."""
     if cfg.bn_semantics == "torch":
-        return NnxTorchBatchNorm(features, momentum=cfg.bn_momentum, epsilon=cfg.bn_eps, rngs=rngs)
+        return NnxTorchBatchNorm(
+            features, momentum=cfg.bn_momentum, epsilon=cfg.bn_eps, variance=cfg.bn_variance, rngs=rngs
+        )
+    if cfg.bn_variance == "shifted":
+        return NnxOnePassBatchNorm(
+            features,
+            momentum=cfg.bn_momentum,
+            epsilon=cfg.bn_eps,
+            axis_name=cfg.bn_axis_name,
+            dtype=_dtype(cfg),
+            rngs=rngs,
+        )
     return NnxBatchNorm(
         features,
         momentum=cfg.bn_momentum,

@@ -94,13 +94,20 @@ def test_scan_over_k_steps_gives_the_parameters_of_k_jitted_steps():
 
 
 @pytest.mark.parametrize(
-    "runner_cls, kwargs", [(runners_jax.LinenRunner, {}), (runners_jax.NnxRunner, {"split": True})]
+    "runner_cls, kwargs",
+    [
+        (runners_jax.LinenRunner, {}),
+        (runners_jax.NnxRunner, {"pattern": "jit"}),
+        (runners_jax.NnxRunner, {"pattern": "cached"}),
+        (runners_jax.NnxRunner, {"pattern": "split"}),
+    ],
 )
 def test_the_jitted_jax_step_compiles_once(runner_cls, kwargs):
     runner = runner_cls(TINY["mlp"], 8, "float32", "cpu", **kwargs)
     for _ in range(3):
         runner.sync(runner.step())
-    assert runner.jitted._cache_size() == 1
+    jitted = getattr(runner.jitted, "jitted_fn", runner.jitted)  # nnx.jit and cached_partial wrap a jax.jit
+    assert jitted._cache_size() == 1
 
 
 def test_the_compiled_torch_step_does_not_recompile_on_later_calls():

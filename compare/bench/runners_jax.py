@@ -4,6 +4,8 @@ with donated state, in every flavour that matters for speed.
 * ``jax-linen-jit``: ``jax.jit(linen_train_step, donate_argnums=0)``;
 * ``jax-nnx-jit``: ``nnx.jit`` over the model and optimizer (walks the object graph in
   Python on every call);
+* ``jax-nnx-cached``: ``nnx.cached_partial(nnx.jit(step), model, optimizer)``: the graph
+  traversal of the bound objects is cached, the call still goes through ``nnx.jit``;
 * ``jax-nnx-split``: ``nnx.split`` once, ``jax.jit`` over the pure state with
   ``nnx.merge`` inside, the fast NNX pattern from Flax's performance guide;
 * ``jax-scan``: K linen steps in one ``jax.lax.scan`` per call (no Python dispatch
@@ -16,6 +18,7 @@ Every runner draws fresh dropout masks each step (the step is folded into the ke
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +29,11 @@ import flaxbn.train as ftrain
 from compare.registry import ModelSpec
 
 SCAN_STEPS = 10
+# How the JAX side's BatchNorm computes the batch variance, per device: its fastest exact
+# mode there (flaxbn/batchnorm.py; both are as accurate, tests/test_bn_variance.py). On GPU
+# BatchNorm is memory-bound and the one-pass "shifted" sums read the activations once, as
+# torch's kernels do; on XLA:CPU the two-pass form measured faster (README, benchmark notes).
+BN_VARIANCE = {"gpu": "shifted", "cpu": "two_pass"}
 
 
 def _data(spec: ModelSpec, batch: int):
@@ -42,8 +50,8 @@ class LinenRunner:
     steps_per_call = 1
 
     def __init__(self, spec: ModelSpec, batch: int, dtype: str, device: str, scan_steps: int = 0):
-        self.info = {"donated": True}
-        model = spec.build_linen(compute_dtype=dtype)
+        self.info = {"donated": True, "bn_variance": BN_VARIANCE[device]}
+        model = spec.build_linen(compute_dtype=dtype, bn_variance=BN_VARIANCE[device])
         self.x, self.labels = _data(spec, batch)
         variables = model.init(jax.random.key(1), self.x[:2], train=False)
         tx = _tx()
@@ -76,16 +84,30 @@ class LinenRunner:
 
 
 class NnxRunner:
-    steps_per_call = 1
+    """``pattern``: "jit" (``nnx.jit``), "cached" (``nnx.cached_partial``) or "split"
+    (split/merge around ``jax.jit``, state donated)."""
 
-    def __init__(self, spec: ModelSpec, batch: int, dtype: str, device: str, split: bool = False):
-        self.info = {"pattern": "split/merge + jax.jit" if split else "nnx.jit", "donated": split}
-        model = spec.build_nnx(nnx.Rngs(params=1, dropout=2), compute_dtype=dtype)
+    steps_per_call = 1
+    PATTERNS: ClassVar[dict[str, str]] = {
+        "jit": "nnx.jit",
+        "cached": "nnx.cached_partial + nnx.jit",
+        "split": "split/merge + jax.jit",
+    }
+
+    def __init__(self, spec: ModelSpec, batch: int, dtype: str, device: str, pattern: str = "jit"):
+        if pattern not in self.PATTERNS:
+            raise ValueError(f"pattern must be one of {sorted(self.PATTERNS)}, got {pattern!r}")
+        self.info = {
+            "pattern": self.PATTERNS[pattern],
+            "donated": pattern == "split",
+            "bn_variance": BN_VARIANCE[device],
+        }
+        model = spec.build_nnx(nnx.Rngs(params=1, dropout=2), compute_dtype=dtype, bn_variance=BN_VARIANCE[device])
         model.train()
         optimizer = nnx.Optimizer(model, _tx(), wrt=nnx.Param)
         self.x, self.labels = _data(spec, batch)
-        self.split = split
-        if split:
+        self.pattern = pattern
+        if pattern == "split":
             self.graphdef, self.state = nnx.split((model, optimizer))
 
             def pure_step(state, x, labels):
@@ -94,25 +116,31 @@ class NnxRunner:
                 return nnx.state((model, optimizer)), loss  # RNG counts come back too
 
             self.jitted = jax.jit(pure_step, donate_argnums=0)
+        elif pattern == "cached":
+            self.model, self.optimizer = model, optimizer
+            self.jitted = nnx.cached_partial(nnx.jit(ftrain.nnx_train_step), model, optimizer)
         else:
             self.model, self.optimizer = model, optimizer
             self.jitted = nnx.jit(ftrain.nnx_train_step)
 
     def step(self):
-        if self.split:
+        if self.pattern == "split":
             self.state, loss = self.jitted(self.state, self.x, self.labels)
             return loss
+        if self.pattern == "cached":
+            return self.jitted(self.x, self.labels)
         return self.jitted(self.model, self.optimizer, self.x, self.labels)
 
     def sync(self, out) -> None:
-        jax.block_until_ready((self.state, out) if self.split else (nnx.state(self.model), out))
+        jax.block_until_ready((self.state, out) if self.pattern == "split" else (nnx.state(self.model), out))
 
 
 def implementations() -> dict[str, tuple[type, dict]]:
     return {
         "jax-linen-jit": (LinenRunner, {}),
-        "jax-nnx-jit": (NnxRunner, {}),
-        "jax-nnx-split": (NnxRunner, {"split": True}),
+        "jax-nnx-jit": (NnxRunner, {"pattern": "jit"}),
+        "jax-nnx-cached": (NnxRunner, {"pattern": "cached"}),
+        "jax-nnx-split": (NnxRunner, {"pattern": "split"}),
         "jax-scan": (LinenRunner, {"scan_steps": SCAN_STEPS}),
     }
 

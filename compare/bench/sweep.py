@@ -45,6 +45,10 @@ class Sweep:
     matmul_n: int = 1024
     skip: tuple[tuple[str, str], ...] = ()  # (model, impl) pairs left out, with SKIP_REASONS
     priority: tuple[tuple[str, int, str], ...] = ()  # (model, batch, dtype) groups run first, in this order
+    variants: tuple[ModelSpec, ...] = ()  # models that are not in the registry, by their spec's name
+
+    def spec(self, model: str) -> ModelSpec:
+        return next((s for s in self.variants if s.name == model), None) or get(model)
 
     def groups(self) -> list[tuple[str, int, str]]:
         """Every (model, batch, dtype): the ``priority`` groups first, then the others in order."""
@@ -67,6 +71,15 @@ SWEEPS = {
         {"mlp": (8, 16, 32)}, rounds=2, round_seconds=0.2, impls=("torch-eager", "jax-linen-jit"), matmul_n=128
     ),
     # The default run: the CPU target (batch 256), under 2 minutes on 2 cores.
+    # The per-step Python cost of each NNX pattern against linen and scan: a small mlp at
+    # batch 32, where dispatch, not arithmetic, sets the step time.
+    "nnx-overhead-cpu": Sweep(
+        {"mlp-64x64": (32,)},
+        rounds=7,
+        impls=("jax-linen-jit", "jax-nnx-jit", "jax-nnx-cached", "jax-nnx-split", "jax-scan", "torch-eager"),
+        matmul_n=256,
+        variants=(dataclasses.replace(get("mlp").replace(in_features=64, hidden=(64, 64)), name="mlp-64x64"),),
+    ),
     "quick-cpu": Sweep({"mlp": (256,), "cnn": (256,)}, skip=(("cnn", "jax-scan"),)),
     "full-cpu": Sweep(
         {"mlp": (32, 128, 256, 1024, 4096), "cnn": (32, 128, 256, 512), "resnet18_cifar": (32, 128)}, rounds=7
@@ -131,7 +144,7 @@ def bench_group(
     progress: Callable | None = None,
 ) -> list[dict]:
     """Build, compile, warm up and time every implementation for one (model, batch, dtype)."""
-    spec = get(name)
+    spec = name if isinstance(name, ModelSpec) else sweep.spec(name)
     name = spec.name
     factories = all_implementations(device)
     names = [n for n in factories if sweep.runs(name, n)]

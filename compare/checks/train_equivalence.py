@@ -71,18 +71,20 @@ def _torch_side(s: Setup, step_masks) -> dict[str, Any]:
     return {"loss": float(loss), "logits": logits.numpy(), "grads": grads, "buffers": buffers}
 
 
-def _flax_side(s: Setup, api: str, bn_semantics: str, step_masks) -> dict[str, Any]:
+def _flax_side(s: Setup, api: str, bn_semantics: str, step_masks, bn_variance: str = "two_pass") -> dict[str, Any]:
     sd = s.torch_model.state_dict()
     if api == "linen":
         variables = transfer.torch_to_linen(sd, s.spec)
         apply = masks.linen_masked_apply(
-            s.spec.build_linen(bn_semantics), s.sites, [jnp.asarray(m) for m in step_masks]
+            s.spec.build_linen(bn_semantics, bn_variance=bn_variance), s.sites, [jnp.asarray(m) for m in step_masks]
         )
         (loss, (logits, stats)), grads = ftrain.linen_loss_and_grads(
             apply, variables["params"], variables["batch_stats"], s.flax_x, jnp.asarray(s.labels), jax.random.key(0)
         )
     else:
-        model = transfer.torch_to_nnx(sd, s.spec, s.spec.build_nnx(nnx.Rngs(0), bn_semantics=bn_semantics))
+        model = transfer.torch_to_nnx(
+            sd, s.spec, s.spec.build_nnx(nnx.Rngs(0), bn_semantics=bn_semantics, bn_variance=bn_variance)
+        )
         model.train()
         with masks.inject_nnx(model, s.sites, step_masks):
             (loss, logits), grads_state = ftrain.nnx_loss_and_grads(model, s.flax_x, jnp.asarray(s.labels))
@@ -98,7 +100,15 @@ def _flax_side(s: Setup, api: str, bn_semantics: str, step_masks) -> dict[str, A
     }
 
 
-def one_step(spec: ModelSpec | str, api: str, *, bn_semantics: str = "torch", seed: int = 0, batch: int = 32) -> dict:
+def one_step(
+    spec: ModelSpec | str,
+    api: str,
+    *,
+    bn_semantics: str = "torch",
+    bn_variance: str = "two_pass",
+    seed: int = 0,
+    batch: int = 32,
+) -> dict:
     """One train-mode forward and backward on both sides with the same masks.
 
     Returns the differences: ``logits_max_abs_diff``, ``grad_max_rel_diff`` (worst tensor,
@@ -108,7 +118,7 @@ def one_step(spec: ModelSpec | str, api: str, *, bn_semantics: str = "torch", se
     s = setup(spec, seed, batch)
     step_masks = masks.draw(s.sites, s.rng)
     var_before = {k: v.numpy().copy() for k, v in s.torch_model.state_dict().items() if k.endswith("running_var")}
-    flax_out = _flax_side(s, api, bn_semantics, step_masks)  # first: the torch step changes the model
+    flax_out = _flax_side(s, api, bn_semantics, step_masks, bn_variance)  # first: the torch step changes the model
     torch_out = _torch_side(s, step_masks)
     # The bias of a Linear/Conv followed by BatchNorm has a true gradient of 0 (the mean is
     # subtracted): both sides give rounding noise (~1e-10). So each tensor's scale is
@@ -148,6 +158,7 @@ def trajectory(
     batch: int = 32,
     optimizer: str = "sgd_momentum",
     dtype: str = "float32",
+    bn_variance: str = "two_pass",
 ) -> dict[str, list[float]]:
     """``steps`` training steps on both sides from the same weights, batches and masks,
     with the torch-compatible BatchNorm. Returns per-step lists: ``loss_diff`` (abs) and
@@ -160,14 +171,16 @@ def trajectory(
     trajectories apart by a step of ~1e-4; such events compound over steps.
     """
     with jax.enable_x64(dtype == "float64"):
-        return _trajectory(get(spec), api, steps, seed, batch, optimizer, dtype)
+        return _trajectory(get(spec), api, steps, seed, batch, optimizer, dtype, bn_variance)
 
 
-def _trajectory(spec: ModelSpec, api: str, steps: int, seed: int, batch: int, optimizer: str, dtype: str):
+def _trajectory(
+    spec: ModelSpec, api: str, steps: int, seed: int, batch: int, optimizer: str, dtype: str, bn_variance: str
+):
     s = setup(spec, seed, batch, dtype)
     torch_opt_fn, optax_fn = optimizers.PAIRS[optimizer]
     tx = optax_fn()
-    flax_side = _LinenRun(s, tx) if api == "linen" else _NnxRun(s, tx)
+    flax_side = (_LinenRun if api == "linen" else _NnxRun)(s, tx, bn_variance)
     torch_opt = torch_opt_fn(s.torch_model.parameters())
     data_rng = np.random.default_rng(seed + 1)
     batches = [
@@ -194,11 +207,11 @@ def _trajectory(spec: ModelSpec, api: str, steps: int, seed: int, batch: int, op
 class _LinenRun:
     """The linen side of a trajectory: a jitted functional step with the masks as arguments."""
 
-    def __init__(self, s: Setup, tx):
+    def __init__(self, s: Setup, tx, bn_variance: str):
         self.spec, self.dtype = s.spec, _torch_dtype(s.x)
         variables = transfer.torch_to_linen(s.torch_model.state_dict(), s.spec, float_dtype=s.x.dtype)
         self.state = ftrain.linen_init_state(variables, tx)
-        model = s.spec.build_linen("torch")
+        model = s.spec.build_linen("torch", bn_variance=bn_variance)
 
         @jax.jit
         def step(state, x, y, step_masks):
@@ -225,9 +238,10 @@ class _LinenRun:
 class _NnxRun:
     """The nnx side of a trajectory: ``nnx.jit`` step; masks swapped in for the run."""
 
-    def __init__(self, s: Setup, tx):
+    def __init__(self, s: Setup, tx, bn_variance: str):
         self.spec, self.sites, self.dtype = s.spec, s.sites, _torch_dtype(s.x)
-        model = s.spec.build_nnx(nnx.Rngs(0), bn_semantics="torch")  # its dropouts are replaced by masks
+        # its dropouts are replaced by masks
+        model = s.spec.build_nnx(nnx.Rngs(0), bn_semantics="torch", bn_variance=bn_variance)
         self.model = transfer.torch_to_nnx(s.torch_model.state_dict(), s.spec, model, float_dtype=s.x.dtype)
         self.model.train()
         self.optimizer = nnx.Optimizer(self.model, tx, wrt=nnx.Param)

@@ -110,30 +110,32 @@ def _inputs(spec: registry.ModelSpec, x: np.ndarray) -> np.ndarray:
 # --- one run per framework ---------------------------------------------------------------
 
 
-def _torch_run(spec, ds, cfg: RunConfig, init: dict, target: float) -> dict:
-    torch.manual_seed(cfg.seed)  # dropout masks
-    model = spec.build_torch()
+def _torch_run(spec, ds, cfg: RunConfig, init: dict, target: float, device: str = "cpu") -> dict:
+    """``device``: "cpu" or "gpu" (the data moves to the GPU once, as JAX's does)."""
+    dev = torch.device("cuda" if device == "gpu" else "cpu")
+    torch.manual_seed(cfg.seed)  # dropout masks (CPU generator; torch.manual_seed seeds CUDA too)
+    model = spec.build_torch().to(dev)
     model.load_state_dict(init)
     opt = ttrain.sgd(model, lr=cfg.lr, momentum=0.9)
-    x_train, x_test = _inputs(spec, ds.x_train), _inputs(spec, ds.x_test)
+    x_train = torch.from_numpy(_inputs(spec, ds.x_train)).to(dev)
+    x_test = torch.from_numpy(_inputs(spec, ds.x_test)).to(dev)
+    y_train, y_test = torch.from_numpy(ds.y_train).to(dev), torch.from_numpy(ds.y_test).to(dev)
 
     def evaluate(x, y):
         model.eval()
         with torch.no_grad():
-            logits = model(torch.from_numpy(x))
-            loss = float(ttrain.cross_entropy(logits, torch.from_numpy(y)))
-            return loss, float((logits.argmax(1).numpy() == y).mean())
+            logits = model(x)
+            loss = float(ttrain.cross_entropy(logits, y))
+            return loss, float((logits.argmax(1) == y).float().mean())
 
     def train_epoch(epoch):
         losses = []
-        for idx in datalib.batches(len(x_train), cfg.batch_size, cfg.seed, epoch):
-            loss = ttrain.train_step(model, opt, torch.from_numpy(x_train[idx]), torch.from_numpy(ds.y_train[idx]))
-            losses.append(float(loss))
-        return losses
+        for idx in datalib.batches(len(ds.x_train), cfg.batch_size, cfg.seed, epoch):
+            idx = torch.from_numpy(idx).to(dev)
+            losses.append(ttrain.train_step(model, opt, x_train[idx], y_train[idx]))
+        return [float(v) for v in losses]  # one synchronisation per epoch
 
-    return _loop(
-        cfg, ds, train_epoch, lambda: evaluate(x_train, ds.y_train), lambda: evaluate(x_test, ds.y_test), target
-    )
+    return _loop(cfg, ds, train_epoch, lambda: evaluate(x_train, y_train), lambda: evaluate(x_test, y_test), target)
 
 
 @functools.lru_cache(maxsize=64)
@@ -217,14 +219,20 @@ def _loop(cfg: RunConfig, ds, train_epoch: Callable, eval_train: Callable, eval_
     }
 
 
-def run_one(cfg: RunConfig, ds: datalib.Dataset, frameworks=("torch", "linen"), target: float = 0.9) -> list[dict]:
-    """The run in every framework, from the same torch initialisation; one record each."""
+def run_one(
+    cfg: RunConfig, ds: datalib.Dataset, frameworks=("torch", "linen"), target: float = 0.9, device: str = "cpu"
+) -> list[dict]:
+    """The run in every framework, from the same torch initialisation; one record each.
+    ``device`` ("cpu" or "gpu") is where torch trains; JAX trains on its default device."""
     spec = model_spec(cfg.model, ds, cfg.use_bn, cfg.dropout)
     torch.manual_seed(1000 + cfg.seed)  # the shared initial weights
     init = {k: v.clone() for k, v in spec.build_torch().state_dict().items()}
     records = []
     for fw in frameworks:
-        result = (_torch_run if fw == "torch" else _linen_run)(spec, ds, cfg, init, target)
+        if fw == "torch":
+            result = _torch_run(spec, ds, cfg, init, target, device)
+        else:
+            result = _linen_run(spec, ds, cfg, init, target)
         records.append(
             TrainRecord(
                 claim=cfg.claim,
@@ -244,10 +252,11 @@ def run_one(cfg: RunConfig, ds: datalib.Dataset, frameworks=("torch", "linen"), 
     return records
 
 
-def run(grid: Grid, ds: datalib.Dataset, progress: Callable | None = None) -> list[dict]:
+def run(grid: Grid, ds: datalib.Dataset, progress: Callable | None = None, device: str = "cpu") -> list[dict]:
+    """Every run of the grid in torch (on ``device``) and linen."""
     records = []
     for cfg in grid.runs():
-        records += run_one(cfg, ds, target=grid.target_accuracy)
+        records += run_one(cfg, ds, target=grid.target_accuracy, device=device)
         if progress:
             progress(f"{cfg.claim}: {cfg.model} bn={cfg.use_bn} p={cfg.dropout} lr={cfg.lr}")
     return records
