@@ -17,7 +17,7 @@
 # This is the classic lesson on Batch Normalisation and Dropout, run in three APIs at
 # once: PyTorch (`torchbn`), Flax linen and Flax NNX (`flaxbn`), with the library's
 # `compare` package checking every sentence with numbers. Everything runs on a laptop CPU
-# in about a minute. (The lesson was first written in Spanish; a Spanish version would
+# in under half a minute. (The lesson was first written in Spanish; a Spanish version would
 # follow exactly these cells.)
 #
 # **The block every tutorial shows**: normalise after the layer and before the activation,
