@@ -102,6 +102,16 @@ def _normalize(x, mean, var, scale, bias, epsilon: float) -> jax.Array:
     return y + bias if bias is not None else y
 
 
+def _nnx_variables(module: nnx.Module, features: int, use_scale: bool, use_bias: bool, track_running_stats: bool):
+    """The variables every BatchNorm here has, as nnx.BatchNorm names them, plus the counter."""
+    module.scale = nnx.Param(jnp.ones((features,))) if use_scale else None
+    module.bias = nnx.Param(jnp.zeros((features,))) if use_bias else None
+    if track_running_stats:
+        module.mean = nnx.BatchStat(jnp.zeros((features,)))
+        module.var = nnx.BatchStat(jnp.ones((features,)))
+        module.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+
 # --- Flax semantics ----------------------------------------------------------------------
 
 
@@ -205,12 +215,7 @@ class NnxTorchBatchNorm(nnx.Module):
         self.variance = variance
         self.use_running_average = use_running_average
         self.momentum, self.epsilon, self.track_running_stats = momentum, epsilon, track_running_stats
-        self.scale = nnx.Param(jnp.ones((num_features,))) if use_scale else None
-        self.bias = nnx.Param(jnp.zeros((num_features,))) if use_bias else None
-        if track_running_stats:
-            self.mean = nnx.BatchStat(jnp.zeros((num_features,)))
-            self.var = nnx.BatchStat(jnp.ones((num_features,)))
-            self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+        _nnx_variables(self, num_features, use_scale, use_bias, track_running_stats)
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
         use_ra = self.use_running_average if use_running_average is None else use_running_average
@@ -309,11 +314,7 @@ class NnxOnePassBatchNorm(nnx.Module):
             rngs.params()
         self.use_running_average = use_running_average
         self.momentum, self.epsilon, self.dtype, self.axis_name = momentum, epsilon, dtype, axis_name
-        self.scale = nnx.Param(jnp.ones((num_features,))) if use_scale else None
-        self.bias = nnx.Param(jnp.zeros((num_features,))) if use_bias else None
-        self.mean = nnx.BatchStat(jnp.zeros((num_features,)))
-        self.var = nnx.BatchStat(jnp.ones((num_features,)))
-        self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+        _nnx_variables(self, num_features, use_scale, use_bias, track_running_stats=True)
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
         use_ra = self.use_running_average if use_running_average is None else use_running_average

@@ -121,6 +121,23 @@ drop = torch.nn.Dropout(0.5).eval()
 print("eval-mode Dropout is the identity:", torch.equal(drop(x_torch), x_torch))
 
 # %% [markdown]
+# The same in Flax: linen's eval call passes the statistics it returned in training
+# (`use_running_average=True`, nothing mutable); NNX switches the module to eval in place.
+
+# %%
+stats = {**variables, **updates}  # params + the batch_stats returned by the training call
+y_linen_eval = nn.BatchNorm(use_running_average=True, momentum=0.9, epsilon=1e-5).apply(stats, x_jax)
+affine_linen = (x_np - np.asarray(updates["batch_stats"]["mean"])) / np.sqrt(
+    np.asarray(updates["batch_stats"]["var"]) + 1e-5
+)
+bn_nnx.eval()
+y_nnx_eval = np.asarray(bn_nnx(x_jax))
+affine_nnx = (x_np - np.asarray(bn_nnx.mean[...])) / np.sqrt(np.asarray(bn_nnx.var[...]) + 1e-5)
+np.testing.assert_allclose(np.asarray(y_linen_eval), affine_linen, rtol=1e-5, atol=1e-5)  # float32 rounding
+np.testing.assert_allclose(y_nnx_eval, affine_nnx, rtol=1e-5, atol=1e-5)
+print("linen and nnx eval outputs are the affine map of their running statistics: True")
+
+# %% [markdown]
 # ## 3. Dropout: a random mask, and 1/(1-p) so that the expected value is unchanged
 #
 # In training each activation is kept with probability 1-p and the kept ones are divided
@@ -160,6 +177,29 @@ fresh = [
 ]
 print("same key, 3 steps, identical masks:", all(np.array_equal(same[0], m) for m in same))
 print("fold_in(key, step), identical masks:", all(np.array_equal(fresh[0], m) for m in fresh))
+
+# NNX: split once, jit a pure function; forgetting to return the state repeats the mask
+graphdef, state = nnx.split(nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=0)))
+
+
+@jax.jit
+def forward_forgets_state(state, x):
+    return nnx.merge(graphdef, state)(x)  # the stream's new count is dropped
+
+
+@jax.jit
+def forward_returns_state(state, x):
+    module = nnx.merge(graphdef, state)
+    return module(x), nnx.state(module)
+
+
+trap = [np.asarray(forward_forgets_state(state, jnp.asarray(ones))) for _ in range(3)]
+fixed = []
+for _ in range(3):
+    y, state = forward_returns_state(state, jnp.asarray(ones))
+    fixed.append(np.asarray(y))
+print("nnx split/merge without returning the state, identical masks:", all(np.array_equal(trap[0], m) for m in trap))
+print("nnx split/merge returning the state, identical masks:", all(np.array_equal(fixed[0], m) for m in fixed))
 
 # %% [markdown]
 # ## 4. Together: the block in all three APIs, with the same weights

@@ -39,5 +39,7 @@ def test_the_notebook_runs_top_to_bottom_on_a_cpu_in_minutes(tmp_path):
     assert elapsed < 240, f"the lesson took {elapsed:.0f} s"
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "eval-mode Dropout is the identity: True" in printed
+    assert "nnx split/merge without returning the state, identical masks: True" in printed
+    assert "nnx split/merge returning the state, identical masks: False" in printed
     assert "batchnorm (torch): holds" in printed and "batchnorm (linen): holds" in printed
     assert (tmp_path / "accuracy_vs_lr.png").stat().st_size > 10_000
