@@ -23,13 +23,25 @@ from compare import registry, transfer
 from compare.io import checkpoint, convert
 
 
+def _problems(error: Exception) -> list[str]:
+    """The error as lines: a TransferError's first line, then one line per problem."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines or [type(error).__name__]
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 converted, 2 bad input (the file, its content or the arguments),
+    1 anything else (a bug: ``--debug`` shows the traceback)."""
     parser = argparse.ArgumentParser(prog="python -m compare.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", type=Path)
     parser.add_argument("dst", type=Path)
     parser.add_argument("--model", help=f"registry name: {', '.join(registry.NAMES)}")
     parser.add_argument("--allow-nonfinite", action="store_true", help="keep NaN/Inf values instead of refusing them")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
+    if args.dst.exists() and args.src.exists() and args.src.resolve() == args.dst.resolve():
+        print(f"error: {args.src} and {args.dst} are the same file: the source would be replaced", file=sys.stderr)
+        return 2
     try:
         if args.src.suffix == ".safetensors" and checkpoint.is_flax_file(args.src):
             print(convert.flax_file_to_torch(args.src, args.dst, args.model, allow_nonfinite=args.allow_nonfinite))
@@ -38,8 +50,19 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--model is required for a torch source: a state_dict does not name its architecture")
             print(convert.torch_file_to_flax(args.src, args.dst, args.model, allow_nonfinite=args.allow_nonfinite))
     except (checkpoint.CheckpointError, transfer.TransferError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if args.debug:
+            raise
+        for line in _problems(e):
+            print(f"error: {line}" if not line.startswith("  ") else line, file=sys.stderr)
         return 2
+    except Exception as e:
+        if args.debug:
+            raise
+        print(
+            f"error: {args.src} -> {args.dst} failed: {type(e).__name__}: {_problems(e)[0]} (--debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -73,7 +73,7 @@ class TransferError(ValueError):
     """A transfer input that does not fit the model. ``problems`` lists every one."""
 
     def __init__(self, what: str, problems: list[str]):
-        self.problems = problems
+        self.what, self.problems = what, problems
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{what}: {len(problems)} problem(s), nothing was loaded:\n{lines}")
 
@@ -133,8 +133,8 @@ def plan(spec: ModelSpec) -> tuple[Move, ...]:
 def flax_template(spec: ModelSpec) -> dict[str, jax.ShapeDtypeStruct]:
     """Flat Flax keys of ``spec`` with shapes and dtypes, from an abstract linen init."""
     model = spec.build_linen()
-    x = jnp.zeros((1, *spec.flax_input_shape), jnp.float32)
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    x = jax.ShapeDtypeStruct((1, *spec.flax_input_shape), jnp.float32)  # abstract: nothing is allocated
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
     return dict(traverse_util.flatten_dict(variables, sep="/"))
 
 

@@ -10,7 +10,12 @@
 * Safetensors, not orbax: a single file, no code on load, readable by torch and numpy
   alike, and the same format on both sides of a conversion.
 * Writes are atomic: a temporary file in the destination's folder, flushed and fsynced,
-  then ``os.replace``; a writer killed at any point leaves the previous file intact.
+  then ``os.replace``; a writer killed at any point leaves the previous file intact. A file
+  that is replaced keeps its permissions; temporary files that a killed writer left beside
+  the destination are removed by the next write there.
+* Every file is untrusted: its header and declared sizes are checked against
+  ``compare.io.limits`` before anything is allocated, and every malformed input raises a
+  :class:`CheckpointError` that names the file and the problem.
 """
 
 from __future__ import annotations
@@ -20,22 +25,25 @@ import dataclasses
 import json
 import os
 import tempfile
+import time
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file as load_torch_file
 from safetensors.torch import save_file as save_torch_file
 
 from compare import transfer
+from compare.io import limits
 from compare.registry import ModelSpec, get
 
 FORMAT = "bn-dropout-parity/flax-weights/1"
+STALE_TMP_SECONDS = 600  # a temporary file of ours this old beside a destination is a killed writer's
 
 
 class CheckpointError(ValueError):
@@ -49,13 +57,21 @@ def atomic_path(path: Path) -> Iterator[Path]:
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, expected a file path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_tmp(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot write there ({e.strerror or e})") from None
     os.close(fd)
     tmp = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+    if path.exists():
+        mode = path.stat().st_mode & 0o7777  # a replaced file keeps its permissions
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask  # mkstemp makes 0600; give a new file the usual permissions
+    os.chmod(tmp, mode)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -69,6 +85,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.close(dir_fd)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _remove_stale_tmp(path: Path) -> None:
+    """Temporary files of :func:`atomic_path` for ``path`` that a killed writer left behind."""
+    now = time.time()
+    for old in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - old.stat().st_mtime > STALE_TMP_SECONDS:
+                old.unlink()
 
 
 def _check_readable(path: Path) -> Path:
@@ -91,12 +116,18 @@ def read_torch_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     ``model`` entry is unwrapped."""
     path = _check_readable(path)
     if path.suffix == ".safetensors":
+        _header(path)
         try:
-            return load_torch_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+            obj = load_torch_file(str(path))
+        except Exception as e:  # the header was checked; anything the reader still finds is bad input
+            raise CheckpointError(f"{path}: not a valid safetensors file ({_reason(e)})") from None
+        return _checked_state_dict(path, obj)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        limits.torch_archive(path)
+    except limits.LimitError as e:
+        raise CheckpointError(f"{path}: refused: {e}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
@@ -107,9 +138,35 @@ def read_torch_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a state_dict (a mapping of names to tensors)")
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{path}: expected a state_dict (a mapping of names to tensors), got a {type(obj).__name__}"
+        )
+    return _checked_state_dict(path, obj)
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _checked_state_dict(path: Path, obj: Mapping) -> dict[str, torch.Tensor]:
+    """Every entry a string key and a dense, real-valued tensor no larger than its storage."""
+    if len(obj) > limits.MAX_TENSORS:
+        raise CheckpointError(f"{path}: {len(obj)} entries, more than the limit of {limits.MAX_TENSORS}")
+    problems = [p for k, v in obj.items() for p in limits.tensor_problems(k, v)]
+    if problems:
+        raise CheckpointError(f"{path}: not a state_dict of dense tensors: " + "; ".join(problems))
     return dict(obj)
+
+
+def _header(path: Path) -> dict:
+    try:
+        return limits.safetensors_header(path)
+    except limits.LimitError as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
 
 
 def write_torch_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:
@@ -145,12 +202,7 @@ def write_arrays(path: str | Path, arrays: Mapping[str, Any], metadata: Mapping[
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The string header of a safetensors file, without reading its tensors."""
-    path = _check_readable(path)
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read(int.from_bytes(f.read(8), "little"))).get("__metadata__", {})
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+    return _header(_check_readable(path))["__metadata__"]
 
 
 def read_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -158,8 +210,8 @@ def read_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]
     metadata = read_metadata(path)
     try:
         return load_numpy(str(path)), metadata
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+    except Exception as e:  # the header was checked; anything the reader still finds is bad input
+        raise CheckpointError(f"{path}: not a valid safetensors file ({_reason(e)})") from None
 
 
 def write_flax(flat: Mapping[str, Any], spec: ModelSpec | str, path: str | Path) -> None:
@@ -192,11 +244,16 @@ def spec_from_metadata(metadata: Mapping[str, str], path: Path) -> ModelSpec:
 
     kinds = {"MLPConfig": tcfg.MLPConfig, "CNNConfig": tcfg.CNNConfig, "ResNetConfig": tcfg.ResNetConfig}
     try:
-        fields = json.loads(metadata["config"])
-        for key, value in fields.items():
-            if isinstance(value, list):
-                fields[key] = tuple(value)
-        config = kinds[metadata["config_type"]](**fields)
-        return ModelSpec(metadata["model"], config, tuple(json.loads(metadata["input_shape"])))
+        kind, name = metadata["config_type"], metadata["model"]
+        fields, input_shape = json.loads(metadata["config"]), json.loads(metadata["input_shape"])
+        if kind not in kinds or not isinstance(fields, dict) or not isinstance(name, str):
+            raise ValueError(f"config_type {kind!r} with a config of type {type(fields).__name__}")
+        problems = limits.config_problems(kind, fields, input_shape)  # sizes, before anything is built
+        if problems:
+            raise CheckpointError(f"{path}: the model configuration in the header is refused: " + "; ".join(problems))
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+        return ModelSpec(name, kinds[kind](**fields), tuple(input_shape))
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: the model configuration in the header is unreadable ({e})") from None
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: the model configuration in the header is unreadable ({_reason(e)})") from None

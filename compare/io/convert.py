@@ -12,11 +12,14 @@ from compare.io import checkpoint
 
 
 def flax_file_to_torch(src: Path, dst: Path, model: str | None = None, *, allow_nonfinite: bool = False) -> str:
-    """A Flax file (it knows its model; ``model``, if given, must agree) to a torch
-    state_dict file. Returns a one-line summary."""
+    """A Flax file (it knows its model) to a torch state_dict file. ``model``, if given,
+    must be the header's name and the arrays must fit that registry model's keys and
+    shapes. Returns a one-line summary."""
     flat, spec = checkpoint.read_flax(src)
-    if model and model != spec.name:
-        raise checkpoint.CheckpointError(f"{src}: holds a {spec.name!r}, not a {model!r}")
+    if model:  # the arrays must fit the named architecture, not only the header's label
+        if model != spec.name:
+            raise checkpoint.CheckpointError(f"{src}: holds a {spec.name!r}, not a {model!r} (the name in its header)")
+        transfer.flat_to_torch(flat, registry.get(model), allow_nonfinite=allow_nonfinite)
     sd = transfer.flat_to_torch(flat, spec, allow_nonfinite=allow_nonfinite)
     checkpoint.write_torch_state_dict(sd, dst)
     return f"converted Flax {spec.name} ({len(flat)} arrays) -> torch state_dict ({len(sd)} tensors): {dst}"

@@ -86,27 +86,88 @@ def save_torch(
     write_arrays(path, arrays, header)
 
 
-def load_torch(path: str | Path) -> tuple[ModelSpec, torch.nn.Module, torch.optim.Optimizer, int]:
-    """(spec, model, optimizer, step); the global torch generator is restored too."""
-    arrays, header, spec = _read(Path(path), "torch")
-    model = spec.build_torch()
-    groups = json.loads(header["param_groups"])
+# the optimizers a torch training checkpoint may name, and the per-parameter state they keep
+# (each entry the parameter's shape, except the scalar ``step``)
+OPTIMIZER_STATE = {"SGD": ("momentum_buffer",), "Adam": ("exp_avg", "exp_avg_sq", "step"), "AdamW": ("exp_avg", "exp_avg_sq", "step"), "RMSprop": ("square_avg", "momentum_buffer", "grad_avg", "step")}  # fmt: skip
+
+
+def _torch_optimizer(path: Path, header: dict[str, str], model: torch.nn.Module) -> tuple[torch.optim.Optimizer, list]:
+    """The optimizer the header names, built with its hyper-parameters, all checked first."""
+    try:
+        name, groups = json.loads(header["optimizer"]), json.loads(header["param_groups"])
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: the optimizer in the header is unreadable ({e})") from None
+    if name not in OPTIMIZER_STATE:
+        raise CheckpointError(f"{path}: optimizer {name!r} is not one of {sorted(OPTIMIZER_STATE)}")
+    if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)):
+        raise CheckpointError(f"{path}: param_groups must be a list of one group, got {groups!r:.200}")
     hyper = {k: v for k, v in groups[0].items() if k != "params"}
-    optimizer = getattr(torch.optim, json.loads(header["optimizer"]))(model.parameters(), **hyper)
+    bad = [
+        f"{k} = {v!r:.60}"
+        for k, v in hyper.items()
+        if not (
+            v is None
+            or isinstance(v, (bool, int, float, str))
+            or (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v))
+        )
+    ]
+    if bad:
+        raise CheckpointError(f"{path}: hyper-parameters of the wrong type: {'; '.join(bad)}")
+    hyper = {k: tuple(v) if isinstance(v, list) else v for k, v in hyper.items()}
+    try:
+        return getattr(torch.optim, name)(model.parameters(), **hyper), groups
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {name} refuses the hyper-parameters in the header ({e})") from None
+
+
+def load_torch(path: str | Path) -> tuple[ModelSpec, torch.nn.Module, torch.optim.Optimizer, int]:
+    """(spec, model, optimizer, step); the global torch generator is restored too. Every
+    piece is checked before anything is loaded: the optimizer and its hyper-parameters,
+    every state tensor's shape and dtype against its parameter, the RNG state's shape."""
+    path = Path(path)
+    arrays, header, spec = _read(path, "torch")
+    with torch.random.fork_rng(devices=[]):  # the weights are loaded below: building must not move the caller's RNG
+        model = spec.build_torch()
+    optimizer, groups = _torch_optimizer(path, header, model)
     want = {f"model/{k}": v.numpy() for k, v in model.state_dict().items()}
     got_model = {k: v for k, v in arrays.items() if k.startswith("model/")}
-    _compare(Path(path), got_model, want)
+    _compare(path, got_model, want)
+    params = list(model.parameters())
+    name = json.loads(header["optimizer"])
+    expected = {}
+    for idx, p in enumerate(params):
+        for entry in OPTIMIZER_STATE[name]:
+            expected[f"optim/{idx}/{entry}"] = np.zeros(() if entry == "step" else tuple(p.shape), np.float32)
+    got_optim = {k: v for k, v in arrays.items() if k.startswith("optim/")}
+    problems = transfer.validate(got_optim, {k: (v.shape, "float32") for k, v in expected.items()}, True)
+    problems = [p for p in problems if not p.startswith("missing key")]  # state appears lazily, per entry
+    rng = arrays.get("rng/torch")
+    if rng is None or rng.dtype != np.uint8 or rng.shape != tuple(torch.get_rng_state().shape):
+        problems.append(f"rng/torch: expected uint8{list(torch.get_rng_state().shape)}")
+    try:
+        scalars = json.loads(header["optim_scalars"])
+        assert isinstance(scalars, dict)
+    except (KeyError, ValueError, AssertionError):
+        problems.append("optim_scalars: expected a JSON object")
+        scalars = {}
+    for key, value in scalars.items():
+        idx, _, entry = key.partition("/")
+        if not (idx.isdigit() and int(idx) < len(params) and entry in OPTIMIZER_STATE[name]):
+            problems.append(f"optim scalar {key!r}: no such parameter state for {name}")
+        elif not isinstance(value, (int, float)):
+            problems.append(f"optim scalar {key!r} = {value!r:.60}: expected a number")
+    if problems:
+        raise CheckpointError(f"{path}: does not fit the model and optimizer: " + "; ".join(problems))
     state: dict[int, dict] = {}
-    for key, value in arrays.items():
-        if key.startswith("optim/"):
-            _, idx, name = key.split("/", 2)
-            state.setdefault(int(idx), {})[name] = torch.from_numpy(value)
-    for key, value in json.loads(header["optim_scalars"]).items():
-        idx, name = key.split("/", 1)
-        state.setdefault(int(idx), {})[name] = value
+    for key, value in got_optim.items():
+        _, idx, entry = key.split("/", 2)
+        state.setdefault(int(idx), {})[entry] = torch.from_numpy(value)
+    for key, value in scalars.items():
+        idx, entry = key.split("/", 1)
+        state.setdefault(int(idx), {})[entry] = value
     model.load_state_dict({k[len("model/") :]: torch.from_numpy(v) for k, v in got_model.items()}, strict=True)
     optimizer.load_state_dict({"state": state, "param_groups": groups})
-    torch.set_rng_state(torch.from_numpy(arrays["rng/torch"]))
+    torch.set_rng_state(torch.from_numpy(rng))
     return spec, model, optimizer, json.loads(header["step"])
 
 
@@ -130,10 +191,23 @@ def load_linen(path: str | Path, template: ftrain.LinenState) -> tuple[ModelSpec
     arrays, header, spec = _read(Path(path), "linen")
     want = _flat_tree(template, "state")
     _compare(Path(path), {k: v for k, v in arrays.items() if k.startswith("state")}, want)
+    key = _rng_key(Path(path), header, arrays.get("rng/key"))
     leaves = [jnp.asarray(arrays[k]) for k in want]  # flatten order == _flat_tree order
     state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
-    key = jax.random.wrap_key_data(jnp.asarray(arrays["rng/key"]), impl=json.loads(header["key_impl"]))
     return spec, state, key
+
+
+def _rng_key(path: Path, header: dict[str, str], data: np.ndarray | None) -> jax.Array:
+    """The dropout key: a known PRNG implementation and key data of its shape and dtype."""
+    try:
+        impl = json.loads(header["key_impl"])
+        want = np.asarray(jax.random.key_data(jax.random.key(0, impl=impl)))
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: the PRNG implementation in the header is unreadable ({e})") from None
+    if data is None or data.shape != want.shape or data.dtype != want.dtype:
+        found = "none" if data is None else f"{data.dtype}{list(data.shape)}"
+        raise CheckpointError(f"{path}: rng/key: expected {want.dtype}{list(want.shape)} for {impl}, found {found}")
+    return jax.random.wrap_key_data(jnp.asarray(data), impl=impl)
 
 
 # --- nnx --------------------------------------------------------------------------------------
