@@ -327,6 +327,14 @@ def test_a_malformed_dataset_file_is_refused_with_its_name(tmp_path, case):
     assert time.perf_counter() - t0 < 5
 
 
+def test_idx_splits_with_two_image_sizes_are_refused(tmp_path):
+    for split, n, side in (("train", 4, 2), ("t10k", 2, 3)):
+        (tmp_path / f"{split}-images-idx3-ubyte").write_bytes(_idx((n, side, side), bytes(n * side * side)))
+        (tmp_path / f"{split}-labels-idx1-ubyte").write_bytes(_idx((n,), bytes(n)))
+    with pytest.raises(DataError, match=r"train images are \(2, 2\) and test images \(3, 3\)"):
+        data.load("mnist", tmp_path)
+
+
 def test_idx_labels_outside_the_ten_classes_are_refused(tmp_path):
     for split, n in (("train", 4), ("t10k", 2)):
         (tmp_path / f"{split}-images-idx3-ubyte").write_bytes(_idx((n, 2, 2), bytes(n * 4)))

@@ -138,6 +138,11 @@ def idx_dataset(name: str, data_dir: Path) -> Dataset:
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
             raise DataError(f"{data_dir}: {split} images {x.shape} and labels {y.shape} do not match")
         _check_labels(data_dir / _IDX_FILES[f"y_{split}"], y, 10)
+    if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+        raise DataError(
+            f"{data_dir}: train images are {arrays['x_train'].shape[1:]} and test images {arrays['x_test'].shape[1:]}:"
+            " the two splits must have one image size"
+        )
     x_train, x_test = _normalise(
         arrays["x_train"][:, None].astype(np.float32), arrays["x_test"][:, None].astype(np.float32)
     )
