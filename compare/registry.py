@@ -80,6 +80,19 @@ _SPECS = {
         ModelSpec("resnet18", ResNetConfig(layers=(2, 2, 2, 2)), (3, 224, 224)),
         ModelSpec("resnet34", ResNetConfig(layers=(3, 4, 6, 3)), (3, 224, 224)),
         ModelSpec("resnet18_cifar", ResNetConfig(layers=(2, 2, 2, 2), num_classes=10, stem="cifar"), (3, 32, 32)),
+        # torchvision's Bottleneck family ("ResNet v1.5"), with torchvision's state_dict keys
+        *(
+            ModelSpec(name, ResNetConfig(layers=layers, block="bottleneck", groups=g, width_per_group=w), (3, 224, 224))
+            for name, layers, g, w in [
+                ("resnet50", (3, 4, 6, 3), 1, 64),
+                ("resnet101", (3, 4, 23, 3), 1, 64),
+                ("resnet152", (3, 8, 36, 3), 1, 64),
+                ("wide_resnet50_2", (3, 4, 6, 3), 1, 128),
+                ("wide_resnet101_2", (3, 4, 23, 3), 1, 128),
+                ("resnext50_32x4d", (3, 4, 6, 3), 32, 4),
+                ("resnext101_32x8d", (3, 4, 23, 3), 32, 8),
+            ]
+        ),
     ]
 }
 

@@ -283,7 +283,8 @@ def flat_to_torch(
 
 def linen_to_flat(variables: Mapping[str, Any]) -> FlatFlax:
     """``{"params": ..., "batch_stats": ...}`` -> ``{"params/fc1/kernel": array, ...}``."""
-    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(dict(variables), sep="/").items()}
+    flat = traverse_util.flatten_dict(dict(variables))  # keys may hold ints (an nnx.List's entries)
+    return {"/".join(map(str, k)): np.asarray(v) for k, v in flat.items()}
 
 
 def flat_to_linen(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:

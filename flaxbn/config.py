@@ -131,7 +131,9 @@ class CNNConfig(CommonConfig):
 
 @dataclasses.dataclass(frozen=True)
 class ResNetConfig(CommonConfig):
-    """torchvision's ResNet with BasicBlocks (resnet18: ``layers=(2, 2, 2, 2)``).
+    """torchvision's ResNet: BasicBlocks (resnet18: ``layers=(2, 2, 2, 2)``) or Bottlenecks
+    (``block="bottleneck"``; resnet50: ``layers=(3, 4, 6, 3)``; wide and ResNeXt variants by
+    ``width_per_group`` and ``groups``), "ResNet v1.5": the stride on the 3x3 convolution.
 
     ``stem="imagenet"`` is torchvision's 7x7/2 conv + 3x3/2 max-pool; ``stem="cifar"``
     is a 3x3/1 conv and no pool, for 32x32 inputs. Layer names are torchvision's.
@@ -145,6 +147,9 @@ class ResNetConfig(CommonConfig):
     stem: Literal["imagenet", "cifar"] = "imagenet"
     dropout: float = 0.0
     zero_init_residual: bool = False
+    block: Literal["basic", "bottleneck"] = "basic"
+    groups: int = 1  # bottleneck only: grouped 3x3 convolutions (ResNeXt)
+    width_per_group: int = 64  # bottleneck only: 128 for the wide ResNets, 4 or 8 for ResNeXt
 
     def __post_init__(self):
         problems = _common_problems(self) + _positive_ints(self.layers, "layers")
@@ -154,10 +159,25 @@ class ResNetConfig(CommonConfig):
                 problems.append(f"{field} must be an int >= 1, got {v!r}")
         if self.stem not in ("imagenet", "cifar"):
             problems.append(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
+        if self.block not in ("basic", "bottleneck"):
+            problems.append(f"block must be 'basic' or 'bottleneck', got {self.block!r}")
+        for field in ("groups", "width_per_group"):
+            v = getattr(self, field)
+            if not (isinstance(v, int) and v >= 1):
+                problems.append(f"{field} must be an int >= 1, got {v!r}")
+        if self.block == "basic" and (self.groups, self.width_per_group) != (1, 64):
+            problems.append("groups and width_per_group apply to bottleneck blocks only (torchvision's rule)")
         _check(problems, type(self).__name__)
 
+    expansion = property(lambda self: 4 if self.block == "bottleneck" else 1)
+
     def stage_widths(self) -> tuple[int, ...]:
+        """Each stage's "planes"; its blocks output ``planes * expansion`` channels."""
         return tuple(self.width * 2**i for i in range(len(self.layers)))
+
+    def inner_width(self, planes: int) -> int:
+        """A bottleneck's 3x3 width, torchvision's ``int(planes * width_per_group / 64) * groups``."""
+        return int(planes * (self.width_per_group / 64.0)) * self.groups
 
 
 ModelConfig = MLPConfig | CNNConfig | ResNetConfig

@@ -70,7 +70,15 @@ def _batch_norm(cfg: ModelConfig, *, train: bool, name: str) -> nn.Module:
 
 
 def _conv(
-    cfg: ModelConfig, features: int, *, kernel: int, stride: int = 1, padding: int, bias: bool = False, name: str
+    cfg: ModelConfig,
+    features: int,
+    *,
+    kernel: int,
+    stride: int = 1,
+    padding: int,
+    groups: int = 1,
+    bias: bool = False,
+    name: str,
 ) -> nn.Conv:
     pad = ((padding, padding), (padding, padding))  # torch's symmetric padding, never 'SAME'
     return nn.Conv(
@@ -78,6 +86,7 @@ def _conv(
         (kernel, kernel),
         strides=(stride, stride),
         padding=pad,
+        feature_group_count=groups,  # torch's groups
         use_bias=bias,
         dtype=_dtype(cfg),
         name=name,
@@ -172,6 +181,29 @@ class BasicBlock(nn.Module):
         return nn.relu(_batch_norm(cfg, train=train, name="bn2")(out) + identity)
 
 
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck ("ResNet v1.5"): 1x1, grouped 3x3 with the stride, 1x1 up to
+    ``features * 4``, identity or 1x1 ``downsample`` shortcut."""
+
+    cfg: ResNetConfig
+    features: int  # planes
+    stride: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        cfg = self.cfg
+        width, c_out = cfg.inner_width(self.features), self.features * cfg.expansion
+        identity = x
+        if self.stride != 1 or x.shape[-1] != c_out:
+            identity = Downsample(cfg, c_out, self.stride, name="downsample")(x, train=train)
+        out = _conv(cfg, width, kernel=1, padding=0, name="conv1")(x)
+        out = nn.relu(_batch_norm(cfg, train=train, name="bn1")(out))
+        out = _conv(cfg, width, kernel=3, stride=self.stride, padding=1, groups=cfg.groups, name="conv2")(out)
+        out = nn.relu(_batch_norm(cfg, train=train, name="bn2")(out))
+        out = _conv(cfg, c_out, kernel=1, padding=0, name="conv3")(out)
+        return nn.relu(_batch_norm(cfg, train=train, name="bn3")(out) + identity)
+
+
 class Stage(nn.Module):
     """torch's ``layer{i}`` ``nn.Sequential`` of blocks named ``0``, ``1``, ..."""
 
@@ -182,13 +214,14 @@ class Stage(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        block = Bottleneck if self.cfg.block == "bottleneck" else BasicBlock
         for b in range(self.blocks):
-            x = BasicBlock(self.cfg, self.features, stride=self.stride if b == 0 else 1, name=str(b))(x, train=train)
+            x = block(self.cfg, self.features, stride=self.stride if b == 0 else 1, name=str(b))(x, train=train)
         return x
 
 
 class ResNet(nn.Module):
-    """torchvision's ResNet (BasicBlock) with torchvision's layer names."""
+    """torchvision's ResNet (BasicBlock or Bottleneck) with torchvision's layer names."""
 
     cfg: ResNetConfig
 

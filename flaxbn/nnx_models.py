@@ -76,6 +76,7 @@ def _conv(
     kernel: int,
     stride: int = 1,
     padding: int,
+    groups: int = 1,
     bias: bool = False,
     rngs: nnx.Rngs,
 ) -> nnx.Conv:
@@ -86,6 +87,7 @@ def _conv(
         (kernel, kernel),
         strides=(stride, stride),
         padding=pad,
+        feature_group_count=groups,  # torch's groups
         use_bias=bias,
         dtype=_dtype(cfg),
         rngs=rngs,
@@ -185,8 +187,34 @@ class BasicBlock(nnx.Module):
         return nnx.relu(self.bn2(self.conv2(out)) + identity)
 
 
+class Bottleneck(nnx.Module):
+    """torchvision's Bottleneck ("ResNet v1.5"): 1x1, grouped 3x3 with the stride, 1x1 up to
+    ``planes * 4``, identity or 1x1 ``downsample`` shortcut."""
+
+    def __init__(self, cfg: ResNetConfig, c_in: int, planes: int, *, stride: int, rngs: nnx.Rngs):
+        width, c_out = cfg.inner_width(planes), planes * cfg.expansion
+        self.conv1 = _conv(cfg, c_in, width, kernel=1, padding=0, rngs=rngs)
+        self.bn1 = _batch_norm(cfg, width, rngs=rngs)
+        self.conv2 = _conv(cfg, width, width, kernel=3, stride=stride, padding=1, groups=cfg.groups, rngs=rngs)
+        self.bn2 = _batch_norm(cfg, width, rngs=rngs)
+        self.conv3 = _conv(cfg, width, c_out, kernel=1, padding=0, rngs=rngs)
+        self.bn3 = _batch_norm(cfg, c_out, rngs=rngs)
+        # torch's nn.Sequential(conv1x1, bn): entries 0 and 1
+        shortcut = [
+            _conv(cfg, c_in, c_out, kernel=1, stride=stride, padding=0, rngs=rngs),
+            _batch_norm(cfg, c_out, rngs=rngs),
+        ]
+        self.downsample = nnx.List(shortcut) if stride != 1 or c_in != c_out else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        identity = x if self.downsample is None else self.downsample[1](self.downsample[0](x))
+        out = nnx.relu(self.bn1(self.conv1(x)))
+        out = nnx.relu(self.bn2(self.conv2(out)))
+        return nnx.relu(self.bn3(self.conv3(out)) + identity)
+
+
 class ResNet(nnx.Module):
-    """torchvision's ResNet (BasicBlock) with torchvision's layer names."""
+    """torchvision's ResNet (BasicBlock or Bottleneck) with torchvision's layer names."""
 
     def __init__(self, cfg: ResNetConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -195,15 +223,18 @@ class ResNet(nnx.Module):
         else:
             self.conv1 = _conv(cfg, cfg.in_channels, cfg.width, kernel=3, padding=1, rngs=rngs)
         self.bn1 = _batch_norm(cfg, cfg.width, rngs=rngs)
+        block = Bottleneck if cfg.block == "bottleneck" else BasicBlock
         c_in = cfg.width
-        for i, (blocks, c_out) in enumerate(zip(cfg.layers, cfg.stage_widths(), strict=True), start=1):
+        for i, (blocks, planes) in enumerate(zip(cfg.layers, cfg.stage_widths(), strict=True), start=1):
             stride = 1 if i == 1 else 2
             stage = [
-                BasicBlock(cfg, c_in if b == 0 else c_out, c_out, stride=stride if b == 0 else 1, rngs=rngs)
+                block(
+                    cfg, c_in if b == 0 else planes * cfg.expansion, planes, stride=stride if b == 0 else 1, rngs=rngs
+                )
                 for b in range(blocks)
             ]
             setattr(self, f"layer{i}", nnx.List(stage))
-            c_in = c_out
+            c_in = planes * cfg.expansion
         self.dropout = _dropout(cfg.dropout, rngs=rngs)
         self.fc = _linear(cfg, c_in, cfg.num_classes, rngs=rngs)
 

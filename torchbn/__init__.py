@@ -4,7 +4,7 @@ Imports torch and numpy only; never jax, flax or ``compare``.
 """
 
 from torchbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig
-from torchbn.models import CNN, MLP, BasicBlock, ResNet, build
+from torchbn.models import CNN, MLP, BasicBlock, Bottleneck, ResNet, build
 
 __version__ = "0.2.0"  # the same in torchbn, flaxbn and compare (one distribution)
 
@@ -12,6 +12,7 @@ __all__ = [
     "CNN",
     "MLP",
     "BasicBlock",
+    "Bottleneck",
     "CNNConfig",
     "MLPConfig",
     "ModelConfig",

@@ -32,8 +32,10 @@ def _batch_norm(cfg: ModelConfig, features: int, *, images: bool) -> nn.Module:
     return kind(features, eps=cfg.bn_eps, momentum=cfg.bn_momentum)
 
 
-def _conv(c_in: int, c_out: int, *, kernel: int, stride: int = 1, padding: int, bias: bool = False) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=bias)
+def _conv(
+    c_in: int, c_out: int, *, kernel: int, stride: int = 1, padding: int, groups: int = 1, bias: bool = False
+) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, groups=groups, bias=bias)
 
 
 def _linear(n_in: int, n_out: int) -> nn.Linear:
@@ -132,9 +134,34 @@ class BasicBlock(nn.Module):
         return torch.relu(self.bn2(self.conv2(out)) + identity)
 
 
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck ("ResNet v1.5": the stride on the 3x3 convolution): 1x1
+    down to ``inner_width``, grouped 3x3, 1x1 up to ``planes * 4``, identity or 1x1
+    ``downsample`` shortcut."""
+
+    def __init__(self, cfg: ResNetConfig, c_in: int, planes: int, *, stride: int):
+        super().__init__()
+        width, c_out = cfg.inner_width(planes), planes * cfg.expansion
+        self.conv1 = _conv(c_in, width, kernel=1, padding=0)
+        self.bn1 = _batch_norm(cfg, width, images=True)
+        self.conv2 = _conv(width, width, kernel=3, stride=stride, padding=1, groups=cfg.groups)
+        self.bn2 = _batch_norm(cfg, width, images=True)
+        self.conv3 = _conv(width, c_out, kernel=1, padding=0)
+        self.bn3 = _batch_norm(cfg, c_out, images=True)
+        # torch's nn.Sequential(conv1x1, bn): entries 0 and 1
+        shortcut = [_conv(c_in, c_out, kernel=1, stride=stride, padding=0), _batch_norm(cfg, c_out, images=True)]
+        self.downsample = nn.Sequential(*shortcut) if stride != 1 or c_in != c_out else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        return torch.relu(self.bn3(self.conv3(out)) + identity)
+
+
 class ResNet(nn.Module):
-    """torchvision ResNet (BasicBlock) with the same state_dict keys, so a torchvision
-    ``resnet18`` checkpoint loads with ``strict=True``."""
+    """torchvision ResNet (BasicBlock or Bottleneck) with the same state_dict keys, so a
+    torchvision ``resnet18`` or ``resnet50`` checkpoint loads with ``strict=True``."""
 
     def __init__(self, cfg: ResNetConfig):
         super().__init__()
@@ -144,14 +171,16 @@ class ResNet(nn.Module):
         else:
             self.conv1 = _conv(cfg.in_channels, cfg.width, kernel=3, padding=1)
         self.bn1 = _batch_norm(cfg, cfg.width, images=True)
+        block = Bottleneck if cfg.block == "bottleneck" else BasicBlock
         c_in = cfg.width
-        for i, (blocks, c_out) in enumerate(zip(cfg.layers, cfg.stage_widths(), strict=True), start=1):
+        for i, (blocks, planes) in enumerate(zip(cfg.layers, cfg.stage_widths(), strict=True), start=1):
             stride = 1 if i == 1 else 2
             stage = [
-                BasicBlock(cfg, c_in if b == 0 else c_out, c_out, stride=stride if b == 0 else 1) for b in range(blocks)
+                block(cfg, c_in if b == 0 else planes * cfg.expansion, planes, stride=stride if b == 0 else 1)
+                for b in range(blocks)
             ]
             setattr(self, f"layer{i}", nn.Sequential(*stage))
-            c_in = c_out
+            c_in = planes * cfg.expansion
         self.dropout = _dropout(cfg.dropout)
         self.fc = _linear(c_in, cfg.num_classes)
         self._init_like_torchvision()
@@ -162,7 +191,9 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         if self.cfg.zero_init_residual:
             for m in self.modules():
-                if isinstance(m, BasicBlock):
+                if isinstance(m, Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
+                elif isinstance(m, BasicBlock):
                     nn.init.zeros_(m.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

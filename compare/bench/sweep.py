@@ -104,6 +104,7 @@ SWEEPS = {
             "cnn": (32, 256, 1024, 4096),
             "resnet18_cifar": (128, 256, 512, 1024),
             "resnet18": (64, 128, 256),
+            "resnet50": (128, 256),  # 224 x 224, the reference point people compare against
         },
         dtypes=("float32", "bfloat16"),
         rounds=7,

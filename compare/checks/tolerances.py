@@ -41,6 +41,8 @@ TOLERANCES: dict[str, Tolerance] = {
     "train.logits": Tolerance(1e-6, 1e-5, "1.2e-6 abs"),
     "train.grads": Tolerance(1e-5, 0.0, "2.1e-6 relative to the tensor's largest entry (floored, see the check)"),
     "train.stats": Tolerance(1e-6, 1e-6, "2.4e-7 abs with bn_semantics='torch'"),
+    # a deep network whose last stage sees 1x1 maps of a batch of 8: BatchNorm over 8 values
+    "train.grads_deep": Tolerance(1e-4, 0.0, "1.3e-5 relative (reduced resnext, layer4.0.bn2.weight)"),
     # 200 SGD steps in float64: identical arithmetic up to rounding
     "train.trajectory_float64": Tolerance(1e-10, 0.0, "7e-14 (mlp), 5e-14 (cnn) relative at step 200"),
     # data parallelism: reductions in another order across shards, 2-8 simulated devices

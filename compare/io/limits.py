@@ -174,6 +174,8 @@ def config_problems(kind: str, fields: Mapping[str, Any], input_shape: Any) -> l
         "in_channels": (1, MAX_WIDTH),
         "width": (1, MAX_WIDTH),
         "image_size": (1, MAX_IMAGE_SIDE),
+        "groups": (1, MAX_WIDTH),
+        "width_per_group": (1, MAX_WIDTH),
     }
     for name, (low, high) in checks.items():
         if name in fields:
