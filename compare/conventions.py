@@ -65,6 +65,16 @@ def hwio_to_oihw(k: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(k, (3, 2, 0, 1)))  # (kH, kW, I, O) -> (O, I, kH, kW)
 
 
+def oiw_to_wio(w: np.ndarray) -> np.ndarray:
+    """Conv1d kernel: (out, in, width) -> (width, in, out)."""
+    return np.transpose(w, (2, 1, 0))
+
+
+def wio_to_oiw(k: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`oiw_to_wio`."""
+    return np.transpose(k, (2, 1, 0))
+
+
 def flattened_linear_to_dense(w: np.ndarray, chw: tuple[int, int, int]) -> np.ndarray:
     """Kernel of the first Linear after a flatten: torch flattens (C, H, W), Flax (H, W, C).
 

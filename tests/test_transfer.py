@@ -132,7 +132,7 @@ def test_first_linear_after_flatten_has_its_inputs_permuted_from_chw_to_hwc():
 def test_eval_outputs_disagree_when_the_flatten_permutation_is_removed(monkeypatch):
     """The permutation is what makes the CNN match: without it the logits are far apart."""
     assert equivalence.check_eval("cnn", "linen")["ok"]
-    monkeypatch.setattr(transfer, "_flattened_inputs", lambda spec: {})
+    monkeypatch.setattr(transfer.rules, "_flattened_inputs", lambda spec: {})
     transfer.plan.cache_clear()
     try:
         record = equivalence.check_eval("cnn", "linen")

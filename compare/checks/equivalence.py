@@ -163,13 +163,11 @@ def _torch_outputs(model: torch.nn.Module, x: np.ndarray) -> list[tuple[str, np.
     return outputs
 
 
-def _flax_outputs(spec: ModelSpec, api: str, state: Any, x: np.ndarray) -> dict[str, np.ndarray]:
-    """Outputs of every Flax submodule, keyed by torch's dotted name."""
+def _flax_outputs(api: str, linen_model: Any, state: Any, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Outputs of every Flax submodule, keyed by their dotted path."""
     xf = jnp.asarray(conventions.to_flax_input(x))
     if api == "linen":
-        _, inter = spec.build_linen().apply(
-            state, xf, train=False, capture_intermediates=True, mutable=["intermediates"]
-        )
+        _, inter = linen_model.apply(state, xf, train=False, capture_intermediates=True, mutable=["intermediates"])
         flat = traverse_util.flatten_dict(inter["intermediates"])
     else:
         state.eval()
@@ -179,17 +177,30 @@ def _flax_outputs(spec: ModelSpec, api: str, state: Any, x: np.ndarray) -> dict[
 
 
 def layerwise(
-    spec: ModelSpec, api: str, torch_model: torch.nn.Module, state: Any, x: np.ndarray, tol: tolerances.Tolerance
+    spec: ModelSpec | transfer.Port,
+    api: str,
+    torch_model: torch.nn.Module,
+    state: Any,
+    x: np.ndarray,
+    tol: tolerances.Tolerance,
+    *,
+    linen_model: Any = None,
 ) -> list[LayerDiff]:
     """Per-layer max |torch - flax| in torch's execution order, for layers both sides
-    name. A layer is ok when its difference is within ``tol`` of that layer's output."""
-    flax_out = _flax_outputs(spec, api, state, x)
+    name. A layer is ok when its difference is within ``tol`` of that layer's output.
+    ``spec`` may be a custom pair (``transfer.custom``, whose ``rename`` is followed); for
+    linen, ``linen_model`` is the module (default: the registry spec's)."""
+    if api == "linen" and linen_model is None:
+        linen_model = spec.build_linen()
+    flax_out = _flax_outputs(api, linen_model, state, x)
+    rename = spec.rename if isinstance(spec, transfer.Port) else {}
     out = []
     for name, ref in _torch_outputs(torch_model, x):
-        if name not in flax_out:
+        flax_name = rename.get(name, name)
+        if flax_name not in flax_out:
             continue  # ReLU/Dropout/Identity modules exist only on the torch side
         ref = conventions.to_flax_input(ref)  # (N, C, H, W) -> (N, H, W, C); others as they are
-        got = flax_out[name]
+        got = flax_out[flax_name]
         if got.shape != ref.shape:
             out.append(LayerDiff(name, float("inf"), float(np.max(np.abs(ref))), False))
             continue
