@@ -38,9 +38,16 @@ TRAIN_MODELS = ["mlp", "cnn"]
 def _equivalence(args, progress, saved) -> dict[str, list[dict]]:
     models = list(registry.NAMES) if args.full else QUICK_MODELS
     seeds = [0, 1, 2] if args.full else [0]
-    progress(None, len(models) * len(seeds) * 2)
+    dtypes = ("float32", "bfloat16")  # bfloat16: both sides compute in it (torch autocast, Flax compute_dtype)
+    progress(None, len(models) * len(seeds) * 2 * len(dtypes))
     records = equivalence.run(
-        models, ["linen", "nnx"], seeds=seeds, batch=16 if args.full else 8, device=args.device, progress=progress
+        models,
+        ["linen", "nnx"],
+        seeds=seeds,
+        batch=16 if args.full else 8,
+        device=args.device,
+        dtypes=dtypes,
+        progress=progress,
     )
     return {"equivalence": records}
 

@@ -16,8 +16,11 @@ def test_equivalence_suite_writes_an_ok_record_per_model_and_api_and_exits_zero(
     results = json.loads((tmp_path / "results.json").read_text())
     assert META_FIELDS <= set(results["meta"])
     records = results["equivalence"]
-    assert {(r["model"], r["flax_api"]) for r in records} == {
-        (m, a) for m in ["mlp", "cnn", "resnet18", "resnet18_cifar"] for a in ["linen", "nnx"]
+    assert {(r["model"], r["flax_api"], r["dtype"]) for r in records} == {
+        (m, a, d)
+        for m in ["mlp", "cnn", "resnet18", "resnet18_cifar"]
+        for a in ["linen", "nnx"]
+        for d in ["float32", "bfloat16"]
     }
     for r in records:
         assert EQUIVALENCE_FIELDS <= set(r) and r["ok"] and r["mode"] == "eval"

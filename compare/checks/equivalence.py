@@ -63,21 +63,21 @@ def randomize_batchnorm(model: torch.nn.Module, x: torch.Tensor, seed: int) -> N
     model.train(was_training)
 
 
-def flax_eval(spec: ModelSpec, api: str, state: Any, x: np.ndarray) -> np.ndarray:
-    """Logits of the Flax side in eval mode; ``state`` is linen variables or an nnx model;
-    ``x`` is in torch layout."""
+def flax_eval(spec: ModelSpec, api: str, state: Any, x: np.ndarray, dtype: str = "float32") -> np.ndarray:
+    """Logits of the Flax side in eval mode (float32); ``state`` is linen variables or an
+    nnx model; ``x`` is in torch layout; ``dtype`` is the compute dtype of the linen model."""
     xf = jnp.asarray(conventions.to_flax_input(x))
     if api == "linen":
-        return np.asarray(spec.build_linen().apply(state, xf, train=False))
+        return np.asarray(spec.build_linen(compute_dtype=dtype).apply(state, xf, train=False), np.float32)
     state.eval()
-    return np.asarray(state(xf))
+    return np.asarray(state(xf), np.float32)
 
 
-def flax_state_from_torch(spec: ModelSpec, api: str, state_dict) -> Any:
+def flax_state_from_torch(spec: ModelSpec, api: str, state_dict, dtype: str = "float32") -> Any:
     if api == "linen":
         return transfer.torch_to_linen(state_dict, spec)
     if api == "nnx":
-        return transfer.torch_to_nnx(state_dict, spec)
+        return transfer.torch_to_nnx(state_dict, spec, spec.build_nnx(nnx.Rngs(0), compute_dtype=dtype))
     raise ValueError(f"flax_api must be 'linen' or 'nnx', got {api!r}")
 
 
@@ -89,13 +89,16 @@ def check_eval(
     batch: int = 8,
     tol: tolerances.Tolerance | None = None,
     device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict:
     """One eval-mode equivalence record (:class:`compare.records.EquivalenceRecord`, with
-    ``layers`` when the check fails). ``tol`` defaults to the table's ``eval.<model>``;
+    ``layers`` when a float32 check fails). ``tol`` defaults to the table's ``eval.<model>``
+    (``eval.bfloat16`` for ``dtype="bfloat16"``: torch under ``autocast``, Flax with
+    ``compute_dtype="bfloat16"``, both with float32 weights and BatchNorm statistics);
     ``device`` is 'cpu' or 'gpu' for both sides."""
     spec = get(spec)
     with true_float32(), jax.default_device(jax.devices(device)[0]):
-        return _check_eval(spec, api, seed, batch, tol, "cuda" if device == "gpu" else "cpu")
+        return _check_eval(spec, api, seed, batch, tol, "cuda" if device == "gpu" else "cpu", dtype)
 
 
 @contextlib.contextmanager
@@ -112,9 +115,10 @@ def true_float32():
 
 
 def _check_eval(
-    spec: ModelSpec, api: str, seed: int, batch: int, tol: tolerances.Tolerance | None, torch_device: str
+    spec: ModelSpec, api: str, seed: int, batch: int, tol: tolerances.Tolerance | None, torch_device: str, dtype: str
 ) -> dict:
-    tol = tolerances.get(f"eval.{spec.name}") if tol is None else tol
+    if tol is None:
+        tol = tolerances.get("eval.bfloat16" if dtype == "bfloat16" else f"eval.{spec.name}")
     torch.manual_seed(seed)
     model = spec.build_torch()
     rng = np.random.default_rng(seed)
@@ -122,18 +126,19 @@ def _check_eval(
     randomize_batchnorm(model, torch.from_numpy(calibration), seed)
     model.eval().to(torch_device)
     x = rng.standard_normal((batch, *spec.input_shape), dtype=np.float32)
-    with torch.no_grad():
-        expected = model(torch.from_numpy(x).to(torch_device)).cpu().numpy()
-    state = flax_state_from_torch(spec, api, model.state_dict())
-    got = flax_eval(spec, api, state, x)
+    autocast = torch.autocast(torch_device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    with torch.no_grad(), autocast:
+        expected = model(torch.from_numpy(x).to(torch_device)).float().cpu().numpy()
+    state = flax_state_from_torch(spec, api, model.state_dict(), dtype)
+    got = flax_eval(spec, api, state, x, dtype)
     diff = diffs.tree_diff(got, expected)
     ok = tol.holds(diff.max_abs, diff.scale)
-    layers = [] if ok else layerwise(spec, api, model, state, x, tol)
+    layers = [] if ok or dtype != "float32" else layerwise(spec, api, model, state, x, tol)
     return EquivalenceRecord(
         model=spec.name,
         flax_api=api,
         mode="eval",
-        dtype="float32",
+        dtype=dtype,
         max_abs_diff=diff.max_abs,
         max_rel_diff=diff.max_rel,
         tol=tol.bound(diff.scale),
@@ -210,15 +215,23 @@ def layerwise(
 
 
 def run(
-    models: list[str], apis: list[str], *, seeds: list[int], batch: int, device: str = "cpu", progress=None
+    models: list[str],
+    apis: list[str],
+    *,
+    seeds: list[int],
+    batch: int,
+    device: str = "cpu",
+    dtypes: tuple[str, ...] = ("float32",),
+    progress=None,
 ) -> list[dict]:
-    """Every (model, api, seed) check; ``progress`` is called after each."""
+    """Every (model, api, dtype, seed) check; ``progress`` is called after each."""
     records = []
     for name in models:
         for api in apis:
-            for seed in seeds:
-                records.append(check_eval(name, api, seed=seed, batch=batch, device=device))
-                if progress:
-                    progress(f"{name}/{api}/seed {seed}", None)
+            for dtype in dtypes:
+                for seed in seeds:
+                    records.append(check_eval(name, api, seed=seed, batch=batch, device=device, dtype=dtype))
+                    if progress:
+                        progress(f"{name}/{api}/{dtype}/seed {seed}", None)
     jax.clear_caches()
     return records
