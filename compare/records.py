@@ -136,6 +136,8 @@ class BenchRecord(Record):
     tflops_per_s: float = field()
     mfu: float | None = field(brief=True)
     peak_tflops_per_s: float | None = field(table=False)
+    mfu_datasheet: float | None = field(optional=True)  # against the card's datasheet peak (GPU)
+    datasheet_tflops_per_s: float | None = field(optional=True, table=False)
     flops_per_step: float = field(table=False)
     steps_timed: int = field(table=False)
     # the implementation's settings, where it has them

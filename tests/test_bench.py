@@ -130,3 +130,25 @@ def test_speedups_compare_the_best_of_each_framework():
     ]
     [row] = bench.speedups(recs)
     assert (row["best_jax"], row["best_torch"], row["speedup"]) == ("jax-scan", "torch-compile", 2.0)
+
+
+def test_the_datasheet_peak_is_known_for_the_lent_cards_and_absent_on_cpu():
+    from compare.bench import peaks
+
+    assert peaks.datasheet("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
+    assert peaks.datasheet("NVIDIA H200", "float32") == 494.7  # TF32, as the float32 benchmark runs
+    assert peaks.datasheet("cpu", "float32") is None
+
+
+def test_the_report_puts_dispatch_bound_groups_in_their_own_table():
+    """A group whose best MFU is under 5% measures dispatch, not arithmetic."""
+    from compare.report import markdown
+
+    def rec(model, impl, mfu, sps):
+        return {"model": model, "impl": impl, "dtype": "float32", "batch_size": 32, "mfu": mfu, "samples_per_s": sps}
+
+    records = [rec("small", "jax-scan", 0.01, 2.0), rec("small", "torch-eager", 0.004, 1.0)]
+    records += [rec("big", "jax-scan", 0.40, 3.0), rec("big", "torch-compile", 0.30, 2.0)]
+    lines = markdown._speedup_tables(records)
+    compute, bound = "\n".join(lines).split("Dispatch-bound groups")
+    assert "| big |" in compute and "| small |" not in compute and "| small |" in bound

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from compare.bench import flops, runners_jax, runners_torch
+from compare.bench import flops, peaks, runners_jax, runners_torch
 from compare.bench.memory import MemoryProbe
 from compare.records import BenchRecord, Speedup
 from compare.registry import ModelSpec, get
@@ -150,6 +150,7 @@ def bench_group(
     factories = all_implementations(device)
     names = [n for n in factories if sweep.runs(name, n)]
     step_flops = flops.train_step_flops(spec, batch)
+    sheet = peaks.datasheet(_device_name(device), dtype)
     prepared = {}
     for impl in names:
         with MemoryProbe(device) as probe:
@@ -194,6 +195,8 @@ def bench_group(
                 tflops_per_s=tflops,
                 mfu=tflops / peak if peak else None,
                 peak_tflops_per_s=peak,
+                mfu_datasheet=tflops / sheet if sheet else None,
+                datasheet_tflops_per_s=sheet,
                 flops_per_step=step_flops,
                 steps_timed=n * runner.steps_per_call * sweep.rounds,
                 **runner.info,
@@ -203,12 +206,15 @@ def bench_group(
     return records
 
 
-def measure_peaks(dtypes, device: str, n: int) -> dict[str, float]:
-    """The device's achieved matmul TFLOP/s per dtype: the better of torch and JAX."""
-    return {
-        d: max(runners_torch.peak_matmul_tflops(d, device, n), runners_jax.peak_matmul_tflops(d, device, n))
-        for d in dtypes
-    }
+measure_peaks = peaks.measure  # the name of 0.1
+
+
+def _device_name(device: str) -> str:
+    if device != "gpu":
+        return "cpu"
+    import torch
+
+    return torch.cuda.get_device_name(0)
 
 
 def group_key(model: str, batch: int, dtype: str) -> str:
@@ -245,7 +251,7 @@ def run(
     """
     t_start = time.perf_counter()
     settings = {**runners_torch.configure(device), **runners_jax.configure(device)}
-    settings["peak_matmul_tflops_per_s"] = measure_peaks(sweep.dtypes, device, sweep.matmul_n)
+    settings["peak_matmul_tflops_per_s"] = peaks.measure(sweep.dtypes, device, sweep.matmul_n)
     groups = sweep.groups()
     status = settings["groups"] = {group_key(*g): "not reached" for g in groups}
     if budget_s is not None:

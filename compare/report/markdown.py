@@ -76,16 +76,41 @@ def _equivalence_md(records: list[dict], out: Path | None) -> list[str]:
     return lines
 
 
+DISPATCH_BOUND_MFU = 0.05  # a group whose best MFU is below this measures dispatch, not arithmetic
+
+
+def _speedup_tables(records: list[dict]) -> list[str]:
+    """The speed-ups, compute-bound groups apart from dispatch-bound ones (best MFU < 5%)."""
+    best_mfu: dict[tuple, float] = {}
+    for r in records:
+        key = (r["model"], r["dtype"], r["batch_size"])
+        best_mfu[key] = max(best_mfu.get(key, 0.0), r.get("mfu") or 0.0)
+    rows = speedups(records)
+    bound = [r for r in rows if best_mfu[(r["model"], r["dtype"], r["batch_size"])] < DISPATCH_BOUND_MFU]
+    compute = [r for r in rows if r not in bound]
+    lines = []
+    for title, chosen in [
+        (
+            "Speed-up of the best JAX implementation over the best PyTorch one (samples/s), compute-bound groups:",
+            compute,
+        ),
+        (
+            f"Dispatch-bound groups (best MFU under {DISPATCH_BOUND_MFU:.0%}: the step time is Python and launch overhead):",
+            bound,
+        ),
+    ]:
+        if chosen:
+            lines += [title, "", *_md_table(Speedup.columns(), chosen), ""]
+    return lines
+
+
 def _bench_md(results: dict[str, Any], out: Path | None) -> list[str]:
     records = results["bench"]
     settings = results["meta"].get("bench_settings", {})
     lines = [
         "## Benchmark: one training step (BatchNorm + Dropout active, SGD momentum)",
         "",
-        "Speed-up of the best JAX implementation over the best PyTorch one (samples/s):",
-        "",
-        *_md_table(Speedup.columns(), speedups(records)),
-        "",
+        *_speedup_tables(records),
         "Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items() if k not in ("skipped", "groups")),
         "",
     ]
