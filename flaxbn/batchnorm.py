@@ -82,7 +82,8 @@ def _torch_running_update(mean, var, count, batch_mean, batch_var, n: int, momen
     """torch's update: weight ``1 - momentum`` (Flax direction) or ``1 / count`` for the
     cumulative average, and the *unbiased* batch variance."""
     count = count + 1
-    factor = 1.0 / count.astype(jnp.float32) if momentum is None else 1.0 - momentum
+    # the cumulative factor in the statistics' own dtype: float64 runs stay exact (float32 here drifted 1e-7)
+    factor = 1.0 / count.astype(mean.dtype) if momentum is None else 1.0 - momentum
     unbiased = batch_var * (n / (n - 1))
     return (1 - factor) * mean + factor * batch_mean, (1 - factor) * var + factor * unbiased, count
 
@@ -184,7 +185,7 @@ class LinenTorchBatchNorm(nn.Module):
         if use_ra and self.track_running_stats:
             mean, var = ra_mean.value, ra_var.value
         else:
-            if training:
+            if not self.is_initializing():  # batch statistics, in training or (no buffers) in eval: torch's checks
                 _check_torch_batch(x, self.epsilon)
             mean, var = _moments(x, self.variance)
             if training and self.track_running_stats:
@@ -228,8 +229,7 @@ class NnxTorchBatchNorm(nnx.Module):
         if use_ra and self.track_running_stats:
             mean, var = self.mean[...], self.var[...]
         else:
-            if not use_ra:
-                _check_torch_batch(x, self.epsilon)
+            _check_torch_batch(x, self.epsilon)  # batch statistics, in training or (no buffers) in eval: torch's checks
             mean, var = _moments(x, self.variance)
             if not use_ra and self.track_running_stats:
                 new = _torch_running_update(

@@ -19,20 +19,23 @@ needs_gpu = pytest.mark.skipif(
 )
 
 
-def _conv_pair(stride: int, padding) -> float:
-    """max |torch conv - flax conv| for a 7x7 conv with torch padding 3 and the given Flax padding."""
+def _conv_pair(stride: int, padding, *, size: int = 32, kernel: int = 7, torch_padding: int = 3) -> float:
+    """max |torch conv - flax conv| for a conv with torch's symmetric ``torch_padding`` and the
+    given Flax padding (inf when the output sizes differ)."""
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)  # (N, C, H, W)
-    w = rng.standard_normal((8, 3, 7, 7)).astype(np.float32)  # OIHW
-    expected = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), stride=stride, padding=3).numpy()
-    conv = nn.Conv(8, (7, 7), strides=(stride, stride), padding=padding, use_bias=False)
+    x = rng.standard_normal((2, 3, size, size)).astype(np.float32)  # (N, C, H, W)
+    w = rng.standard_normal((8, 3, kernel, kernel)).astype(np.float32)  # OIHW
+    expected = torch.nn.functional.conv2d(
+        torch.from_numpy(x), torch.from_numpy(w), stride=stride, padding=torch_padding
+    ).numpy()
+    conv = nn.Conv(8, (kernel, kernel), strides=(stride, stride), padding=padding, use_bias=False)
     y = conv.apply({"params": {"kernel": conventions.oihw_to_hwio(w)}}, jnp.asarray(conventions.nchw_to_nhwc(x)))
     got = conventions.nhwc_to_nchw(np.asarray(y))
     return float(np.max(np.abs(got - expected))) if got.shape == expected.shape else float("inf")
 
 
 @spec("cross.conv_padding.flax_same_differs_from_torch_at_stride_2")
-def test_flax_default_same_padding_breaks_equivalence_at_stride_2_and_explicit_padding_fixes_it():
+def test_flax_default_same_padding_breaks_equivalence_when_the_total_padding_is_odd():
     """'SAME' pads (2, 3) for k=7, s=2 on 32 (the extra pad on the high side); torch pads
     (3, 3). Ported models state padding explicitly (google/flax#2993)."""
     assert nn.Conv(8, (3, 3)).padding == "SAME"
@@ -40,6 +43,12 @@ def test_flax_default_same_padding_breaks_equivalence_at_stride_2_and_explicit_p
     assert _conv_pair(1, "SAME") < 1e-4  # stride 1: 'SAME' is symmetric, same result (measured 4e-6)
     assert _conv_pair(2, "SAME") > 1.0  # stride 2: shifted window, measured ~10
     assert _conv_pair(2, ((3, 3), (3, 3))) < 1e-4  # explicit torch padding: measured 4e-6
+    # 'SAME' pads (total // 2, total - total // 2): torch's symmetric padding when the total is
+    # even. k3 s2 (torch padding=1): on 33 the total is 2 and they agree; on 32 it is 1
+    assert _conv_pair(2, "SAME", size=33, kernel=3, torch_padding=1) < 1e-4
+    assert _conv_pair(2, "SAME", size=32, kernel=3, torch_padding=1) > 1.0  # windows shifted by one: measured 34
+    with pytest.raises(ValueError, match="padding='same' is not supported for strided convolutions"):
+        torch.nn.Conv2d(3, 8, 3, stride=2, padding="same")
 
 
 @spec("cross.layout.nchw_vs_nhwc")

@@ -44,12 +44,16 @@ def _ones(*shape) -> np.ndarray:
 
 @spec("dropout.rate_outside_0_1.torch_raises_flax_silent")
 @pytest.mark.parametrize("fw", FRAMEWORKS)
-def test_a_rate_outside_0_1_raises_in_torch_and_silently_zeroes_in_flax(fw):
+def test_a_rate_outside_0_1_raises_in_torch_and_is_silent_in_flax(fw):
+    """Flax keeps each unit with probability 1 - rate, clipped: rate 1.5 drops everything;
+    rate -0.5 keeps everything and divides it by 1.5, so the output is scaled down."""
     if fw == "torch":
-        with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1, but got 1.5"):
-            torch.nn.Dropout(1.5)
+        for rate in (1.5, -0.5):
+            with pytest.raises(ValueError, match=f"dropout probability has to be between 0 and 1, but got {rate}"):
+                torch.nn.Dropout(rate)
     else:
         np.testing.assert_array_equal(dropout(fw, _ones(4, 8), 1.5), np.zeros((4, 8)))
+        np.testing.assert_array_equal(dropout(fw, _ones(4, 8), -0.5), np.full((4, 8), np.float32(1 / 1.5)))
 
 
 @spec("dropout.rate_outside_0_1.flaxbn_validates", framework="cross")
@@ -61,15 +65,19 @@ def test_flaxbn_rejects_a_rate_outside_0_1_when_the_model_is_built():
 
 
 @spec("dropout.inverted_scaling")
-@pytest.mark.parametrize("fw", FRAMEWORKS)
-def test_kept_units_are_scaled_by_one_over_keep_probability_and_dropped_ones_are_exactly_zero(fw):
+@pytest.mark.parametrize("rate", [0.1, 0.25, 0.3, 0.5, 0.7])
+def test_kept_units_are_x_times_one_over_keep_bit_identical_in_torch_and_flax(rate):
+    """Every framework multiplies by float32(1 / (1 - p)) (XLA turns Flax's x / keep into
+    x * (1 / keep)): kept values are bit-identical across the three, and differ in the last
+    bit from x / (1 - p) for p = 0.1, 0.25, 0.3, 0.7. Dropped units are exactly 0."""
     x = np.random.default_rng(0).uniform(1, 2, (64, 64)).astype(np.float32)
-    y = dropout(fw, x, 0.25)
-    kept = y != 0
-    assert 0 < kept.sum() < kept.size
-    # float32 x * (1/0.75) vs x / 0.75 differ in the last bit: measured 1.2e-7 relative
-    np.testing.assert_allclose(y[kept], x[kept] / 0.75, rtol=1e-6, atol=0)
-    assert np.all(y[~kept] == 0.0)
+    scaled = x * np.float32(1 / (1 - rate))
+    for fw in FRAMEWORKS:
+        y = dropout(fw, x, rate)
+        kept = y != 0
+        assert 0 < kept.sum() < kept.size
+        np.testing.assert_array_equal(y[kept], scaled[kept], err_msg=fw)  # exact, not close
+        assert np.all(y[~kept] == 0.0)
 
 
 @spec("dropout.eval_is_identity")
