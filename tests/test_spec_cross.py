@@ -53,17 +53,25 @@ def test_flax_default_same_padding_breaks_equivalence_when_the_total_padding_is_
 
 @spec("cross.layout.nchw_vs_nhwc")
 def test_torch_is_channels_first_and_flax_channels_last():
-    x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
-    assert conventions.nchw_to_nhwc(x).shape == (2, 4, 5, 3)
-    np.testing.assert_array_equal(conventions.nhwc_to_nchw(conventions.nchw_to_nhwc(x)), x)
-    w = np.zeros((8, 3, 7, 5), np.float32)  # torch (O, I, kH, kW)
-    assert conventions.oihw_to_hwio(w).shape == (7, 5, 3, 8)  # Flax (kH, kW, I, O)
-    assert conventions.linear_to_dense(np.zeros((10, 4), np.float32)).shape == (4, 10)
+    """The layers themselves: torch's Conv2d reads (N, C, H, W) with an (O, I, kH, kW)
+    kernel, Flax's Conv reads (N, H, W, C) with (kH, kW, I, O); with the layouts converted
+    they compute the same map, and an NCHW array fed to Flax as it is fails."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 6, 5)).astype(np.float32)  # NCHW
+    w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)  # OIHW
+    want = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=1).numpy()
+    conv = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)), use_bias=False)
+    variables = {"params": {"kernel": conventions.oihw_to_hwio(w)}}  # (kH, kW, I, O)
+    got = conv.apply(variables, jnp.asarray(conventions.nchw_to_nhwc(x)))
+    assert got.shape == (2, 6, 5, 8)  # channels last
+    np.testing.assert_allclose(conventions.nhwc_to_nchw(np.asarray(got)), want, rtol=1e-5, atol=1e-5)  # measured 2e-6
+    with pytest.raises(Exception, match="(?i)shape|dimension|channel"):
+        conv.apply(variables, jnp.asarray(x))  # 3 "width" columns read as channels: 5 != 3
 
 
 @spec("cross.gpu.torch_cudnn_tf32_on_by_default")
-@needs_gpu
 def test_torch_uses_tf32_in_cudnn_convolutions_by_default_but_not_in_matmuls():
+    """The flags exist (and are read) on every build; they take effect on Ampere and newer GPUs."""
     assert torch.backends.cudnn.allow_tf32 is True
     assert torch.backends.cuda.matmul.allow_tf32 is False
 

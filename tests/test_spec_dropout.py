@@ -123,6 +123,8 @@ def test_channel_dropout_draws_one_mask_value_per_sample_and_channel(fw):
     per_channel = y.reshape(8, 25, 16)
     assert np.all(per_channel == per_channel[:, :1, :])  # constant over H and W
     assert 0 < (per_channel[:, 0, :] == 0).sum() < 8 * 16  # some channels dropped, not all
+    masks = per_channel[:, 0, :] != 0  # (N, C): one draw per sample and channel, not one per channel
+    assert len({m.tobytes() for m in masks}) > 1
 
 
 @spec("dropout.torch.functional_defaults_to_training", framework="torch")
