@@ -48,6 +48,14 @@ def test_per_device_batchnorm_equals_each_shard_alone_and_keeps_per_device_stati
     _assert_ok(jax_records, "per-device BN differs from synchronised BN")  # so the two checks mean something
 
 
+@spec("dist.jax.sharded_jit_without_axis_name_gives_global_statistics", framework="linen")
+def test_plain_jit_on_a_batch_sharded_input_gives_global_statistics_without_an_axis_name(jax_records):
+    """Ghost BatchNorm needs shard_map (or pmap): under jax.jit the compiler keeps the
+    semantics of the whole array, so the statistics are those of the global batch."""
+    chosen = _assert_ok(jax_records, "plain jit on a batch-sharded input")
+    assert {r["devices"] for r in chosen} == {2, 4, 8}
+
+
 @spec("dist.jax.data_parallel_run_follows_the_single_device_run", framework="cross")
 def test_a_multi_step_data_parallel_run_with_synchronised_statistics_follows_the_single_device_run(jax_records):
     chosen = _assert_ok(jax_records, "5 data-parallel steps == one device")

@@ -166,13 +166,34 @@ def modes_differ(devices: int) -> list[dict]:
     return [_control(devices, "per-device BN differs from synchronised BN", sync, ghost, differ=True)]
 
 
+def sharded_jit(devices: int) -> list[dict]:
+    """Ghost BatchNorm is a shard_map/pmap effect: under plain ``jax.jit`` with the batch
+    sharded over the devices, a BatchNorm without ``axis_name`` still sees the whole
+    batch (GSPMD inserts the reductions), so its statistics are global."""
+    spec, variables, x, y = _setup("mlp", 8 * devices)
+    model = spec.build_linen()  # no axis name
+    key = jax.random.key(0)
+    (_, (ref_logits, ref_stats)), _ = ftrain.linen_loss_and_grads(
+        model.apply, variables["params"], variables["batch_stats"], x, y, key
+    )
+    sharding = jax.sharding.NamedSharding(parallel.mesh(devices), jax.sharding.PartitionSpec(AXIS))
+    x_sharded = jax.device_put(x, sharding)
+    step = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": key}))
+    logits, updates = step(variables, x_sharded)
+    check = "plain jit on a batch-sharded input, no axis_name: global statistics (not ghost BN)"
+    return [
+        _record("linen", devices, "sync", f"{check} (logits)", logits, ref_logits, "logits"),
+        _record("linen", devices, "sync", f"{check} (running stats)", updates["batch_stats"], ref_stats, "stats"),
+    ]
+
+
 def checks(devices: int, models=("mlp", "cnn")) -> list[dict]:
     """Every JAX check of the distributed spec on ``devices`` devices (tolerances: the
     ``parallel.*`` entries of ``compare.checks.tolerances``)."""
     records = []
     for name in models:
         records += synchronised(name, devices) + per_device(name, devices) + training(name, devices)
-    return records + dropout_masks(devices) + modes_differ(devices)
+    return records + dropout_masks(devices) + modes_differ(devices) + sharded_jit(devices)
 
 
 def run_in_subprocess(device_counts=(2, 4, 8), timeout: int = 600) -> list[dict]:
