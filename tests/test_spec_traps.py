@@ -1,0 +1,175 @@
+"""Traps users of both frameworks report again and again, each checked on the installed
+versions: state that changes when you think it does not, randomness that repeats or moves,
+dtypes, axes and optimizer conventions that differ silently."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import linen as nn
+from flax import nnx
+
+spec = pytest.mark.spec
+
+
+@spec("bn.torch.statistics_update_under_no_grad_and_frozen_parameters", framework="torch")
+def test_torch_running_statistics_update_under_no_grad_and_with_frozen_parameters():
+    """Only ``.eval()`` stops the update: ``torch.no_grad()`` and ``requires_grad_(False)``
+    (a "frozen" backbone) do not (pytorch forums: "BatchNorm stats change in a frozen model")."""
+    bn = torch.nn.BatchNorm1d(3).train()
+    for p in bn.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        bn(torch.randn(8, 3) + 5.0)
+    assert int(bn.num_batches_tracked) == 1 and float(bn.running_mean.min()) > 0.3  # 0.1 * ~5
+    before = bn.running_mean.clone()
+    with torch.no_grad():
+        bn.eval()(torch.randn(8, 3) + 5.0)
+    assert torch.equal(bn.running_mean, before) and int(bn.num_batches_tracked) == 1
+
+
+@spec("dropout.torch.dropout2d_on_3d_input_is_channelwise_1d", framework="torch")
+def test_torch_dropout2d_on_a_3d_input_warns_and_drops_whole_channels_of_a_1d_map():
+    """(N, C, L) is taken as batched 1-D maps: one draw per (sample, channel), constant over L."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = torch.nn.Dropout2d(0.5).train()(torch.ones(4, 6, 10))
+    assert any("Received a 3D input to dropout2d" in str(w.message) for w in caught)
+    assert bool((y == y[:, :, :1]).all()) and not bool((y == y[:, :1, :]).all())
+
+
+@spec("rng.jax.threefry_partitionable_changes_the_masks", framework="cross")
+def test_the_same_key_draws_another_mask_when_jax_threefry_partitionable_changes():
+    """The flag changes how random bits are generated (its default flipped from False to True,
+    jax discussion #18480):
+    a saved key does not reproduce its dropout masks across that setting (it is recorded in
+    every results.json's meta.jax_config)."""
+    key = jax.random.key(0)
+    flag = jax.config.jax_threefry_partitionable
+    a = jax.random.bernoulli(key, 0.5, (64,))
+    try:
+        jax.config.update("jax_threefry_partitionable", not flag)
+        b = jax.random.bernoulli(key, 0.5, (64,))
+    finally:
+        jax.config.update("jax_threefry_partitionable", flag)
+    assert not np.array_equal(a, b)
+
+
+@spec("optim.rmsprop_defaults_differ", framework="cross")
+def test_rmsprop_defaults_differ_and_match_once_decay_and_eps_placement_are_torchs():
+    """torch: alpha 0.99, eps 1e-8 outside the root; optax: decay 0.9, eps 1e-8 inside the
+    root (``eps_in_sqrt=True``). One step from the same point differs; with
+    ``decay=0.99, eps_in_sqrt=False`` it matches (float32: measured exact)."""
+    p0, g = np.array([1.0, -2.0], np.float32), np.array([0.5, 0.1], np.float32)
+    t = torch.nn.Parameter(torch.tensor(p0))
+    opt = torch.optim.RMSprop([t], lr=0.01)
+    t.grad = torch.tensor(g)
+    opt.step()
+    assert (opt.defaults["alpha"], opt.defaults["eps"]) == (0.99, 1e-8)
+
+    def optax_step(tx):
+        update, _ = tx.update(jnp.asarray(g), tx.init(jnp.asarray(p0)))
+        return np.asarray(jnp.asarray(p0) + update)
+
+    assert np.max(np.abs(optax_step(optax.rmsprop(0.01)) - t.detach().numpy())) > 1e-2
+    np.testing.assert_allclose(
+        optax_step(optax.rmsprop(0.01, decay=0.99, eps=1e-8, eps_in_sqrt=False)),
+        t.detach().numpy(),
+        rtol=1e-6,
+        atol=1e-7,
+    )
+
+
+@spec("optim.torch_sgd_dampening_skipped_on_the_first_step", framework="torch")
+def test_torch_sgd_dampening_is_not_applied_on_the_first_step():
+    """``buf = g`` on the first step, then ``buf = momentum * buf + (1 - dampening) * g``."""
+    g = torch.tensor([0.5, 0.1])
+    t = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([t], lr=0.1, momentum=0.9, dampening=0.5)
+    bufs = []
+    for _ in range(2):
+        t.grad = g.clone()
+        opt.step()
+        bufs.append(opt.state[t]["momentum_buffer"].clone())
+    torch.testing.assert_close(bufs[0], g, rtol=0, atol=0)
+    torch.testing.assert_close(bufs[1], 0.9 * g + 0.5 * g, rtol=1e-6, atol=0)
+
+
+@spec("bn.linen.nchw_input_normalises_the_last_axis", framework="linen")
+def test_linen_batchnorm_on_an_nchw_input_normalises_the_last_axis_unless_axis_is_1():
+    """A ported NCHW tensor fed to linen BatchNorm keeps statistics per *width* column."""
+    x = jnp.ones((4, 3, 5, 7))
+    assert nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)["batch_stats"]["mean"].shape == (7,)
+    layer = nn.BatchNorm(use_running_average=False, axis=1)
+    assert layer.init(jax.random.key(0), x)["batch_stats"]["mean"].shape == (3,)
+
+
+@spec("bn.linen.use_running_average_given_exactly_once", framework="linen")
+def test_linen_use_running_average_must_be_given_exactly_once():
+    x = jnp.ones((4, 3))
+    with pytest.raises(ValueError, match="passed to the constructor and at call time"):
+        nn.BatchNorm(use_running_average=True).init(jax.random.key(0), x, use_running_average=True)
+    with pytest.raises(ValueError, match="must be passed to the constructor or at call time"):
+        nn.BatchNorm().init(jax.random.key(0), x)
+
+
+@spec("bn.mixed_precision_output_and_statistics_dtypes", framework="cross")
+def test_in_mixed_precision_flax_returns_float32_and_torch_returns_bfloat16():
+    """Flax BatchNorm with ``dtype=None`` on bfloat16 input returns float32 and keeps float32
+    statistics; torch under autocast returns bfloat16 with float32 statistics, and a module
+    cast with ``.to(torch.bfloat16)`` keeps bfloat16 statistics."""
+    xb = jnp.arange(12, dtype=jnp.bfloat16).reshape(4, 3)
+    y, variables = nn.BatchNorm(use_running_average=False).init_with_output(jax.random.key(0), xb)
+    assert y.dtype == jnp.float32 and variables["batch_stats"]["mean"].dtype == jnp.float32
+    xt = torch.arange(12, dtype=torch.bfloat16).reshape(4, 3)
+    bn = torch.nn.BatchNorm1d(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert bn(xt).dtype == torch.bfloat16 and bn.running_mean.dtype == torch.float32
+    cast = torch.nn.BatchNorm1d(3).to(torch.bfloat16)
+    assert cast(xt).dtype == torch.bfloat16 and cast.running_mean.dtype == torch.bfloat16
+
+
+@spec("dropout.nnx.falls_back_to_the_default_stream", framework="nnx")
+def test_nnx_dropout_without_a_dropout_stream_draws_from_default_and_reseeding_dropout_misses_it():
+    """``nnx.Dropout(rngs=nnx.Rngs(0))`` has no ``dropout`` stream: it forks ``default``.
+    ``nnx.reseed(model, dropout=...)`` then changes nothing; reseed ``default``."""
+    layer = nnx.Dropout(0.5, rngs=nnx.Rngs(0))
+    assert [v.tag for _, v in nnx.to_flat_state(nnx.state(layer, nnx.RngKey))] == ["default"]
+    x = jnp.ones((64,))
+    nnx.reseed(layer, dropout=1)
+    first = np.asarray(layer(x))
+    again = nnx.Dropout(0.5, rngs=nnx.Rngs(0))
+    nnx.reseed(again, dropout=1)
+    assert np.array_equal(np.asarray(again(x)), first)  # the dropout seed did not matter
+    nnx.reseed(again, default=1)
+    other = nnx.Dropout(0.5, rngs=nnx.Rngs(0))
+    assert not np.array_equal(np.asarray(again(x)), np.asarray(other(x)))
+
+
+@spec("bn.nnx.split_merge_without_returned_state_loses_statistics", framework="nnx")
+def test_nnx_split_merge_under_jit_loses_batchnorm_statistics_unless_the_state_is_returned():
+    """The same trap as the repeated dropout mask: a pure function that merges, runs in
+    train mode and returns only the output leaves the caller's running statistics as they were."""
+    graphdef, state = nnx.split(nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+    x = jnp.arange(12.0).reshape(4, 3) + 5.0
+
+    @jax.jit
+    def forgets(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    @jax.jit
+    def returns(state, x):
+        module = nnx.merge(graphdef, state)
+        return module(x), nnx.state(module)
+
+    forgets(state, x)
+    assert float(jnp.abs(state["mean"][...]).sum()) == 0.0  # nothing came back
+    _, state = returns(state, x)
+    assert float(state["mean"][...].min()) > 0.0
