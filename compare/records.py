@@ -115,6 +115,7 @@ class SpecRecord(Record):
     framework: str = field(brief=True)  # "torch" | "linen" | "nnx" | "cross"
     ok: bool | None = field(brief=True)  # None: could not be checked here (detail says why)
     detail: str = field()
+    params: str | None = field(optional=True)  # the parameter set of a parametrized fact ("rate=0.25")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

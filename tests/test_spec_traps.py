@@ -173,3 +173,85 @@ def test_nnx_split_merge_under_jit_loses_batchnorm_statistics_unless_the_state_i
     assert float(jnp.abs(state["mean"][...]).sum()) == 0.0  # nothing came back
     _, state = returns(state, x)
     assert float(state["mean"][...].min()) > 0.0
+
+
+@spec("cross.gelu_default_is_approximate_in_flax", framework="cross")
+def test_gelu_is_exact_in_torch_and_the_tanh_approximation_in_flax_by_default():
+    """``torch.nn.GELU()`` uses erf; ``nn.gelu``/``jax.nn.gelu`` default to the tanh
+    approximation: measured 4.4e-4 apart on [-3, 3]; ``approximate=False`` agrees (5e-7)."""
+    x = np.linspace(-3, 3, 13).astype(np.float32)
+    exact = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+    assert torch.nn.GELU().approximate == "none"
+    assert np.max(np.abs(np.asarray(nn.gelu(jnp.asarray(x))) - exact)) > 1e-4
+    np.testing.assert_allclose(np.asarray(nn.gelu(jnp.asarray(x), approximate=False)), exact, rtol=1e-5, atol=1e-6)
+
+
+@spec("cross.layernorm_epsilon_defaults", framework="cross")
+def test_layernorm_epsilon_is_1e_5_in_torch_and_1e_6_in_flax():
+    assert torch.nn.LayerNorm(4).eps == 1e-5
+    assert nn.LayerNorm().epsilon == 1e-6 and nnx.LayerNorm(4, rngs=nnx.Rngs(0)).epsilon == 1e-6
+
+
+@spec("cross.linear_default_initialisation_differs", framework="cross")
+def test_default_linear_initialisations_differ():
+    """torch: weight and bias uniform in +-1/sqrt(fan_in) (std 1/sqrt(3 fan_in)); Flax:
+    truncated-normal LeCun weights (std 1/sqrt(fan_in)) and zero bias. Transferred weights
+    make this moot; models trained from scratch start differently (measured std 0.0183 vs 0.0317)."""
+    torch.manual_seed(0)
+    t = torch.nn.Linear(1000, 1000)
+    params = nn.Dense(1000).init(jax.random.key(0), jnp.ones((1, 1000)))["params"]
+    w, k = t.weight.detach().numpy(), np.asarray(params["kernel"])
+    assert abs(w.std() - 1 / np.sqrt(3000)) < 1e-3 and np.abs(w).max() <= 1 / np.sqrt(1000)
+    assert abs(k.std() - 1 / np.sqrt(1000)) < 1e-3 and np.abs(k).max() > 1 / np.sqrt(1000)
+    assert t.bias.detach().abs().max() > 0 and not np.any(np.asarray(params["bias"]))
+
+
+@spec("cross.avg_pool_counts_the_padding_by_default", framework="cross")
+def test_average_pooling_counts_the_padding_in_both_by_default():
+    """torch ``AvgPool2d(count_include_pad=True)`` and Flax ``avg_pool(count_include_pad=True)``
+    agree: a padded corner of a 3x3 window averages 4 values over 9."""
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    want = torch.nn.AvgPool2d(3, stride=1, padding=1)(torch.from_numpy(x)).numpy()[0, 0]
+    got = nn.avg_pool(jnp.asarray(x.transpose(0, 2, 3, 1)), (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
+    np.testing.assert_allclose(np.asarray(got)[0, :, :, 0], want, rtol=1e-6, atol=1e-6)
+    assert abs(want[0, 0] - (0 + 1 + 4 + 5) / 9) < 1e-6
+
+
+@spec("dropout.linen.vmap_without_split_rngs_repeats_the_mask", framework="linen")
+def test_linen_vmap_without_split_rngs_gives_every_member_the_same_dropout_mask():
+    class Drop(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dropout(0.5, deterministic=False)(x)
+
+    x, key = jnp.ones((4, 64)), jax.random.key(0)
+    same = nn.vmap(Drop, variable_axes={}, split_rngs={"dropout": False})().apply({}, x, rngs={"dropout": key})
+    split = nn.vmap(Drop, variable_axes={}, split_rngs={"dropout": True})().apply({}, x, rngs={"dropout": key})
+    assert bool((same == same[0]).all()) and not bool((split == split[0]).all())
+
+
+@spec("dropout.linen.deterministic_given_exactly_once", framework="linen")
+def test_linen_dropout_deterministic_must_be_given_exactly_once():
+    with pytest.raises(ValueError, match="passed to the constructor and at call time"):
+        nn.Dropout(0.5, deterministic=True).apply({}, jnp.ones(4), deterministic=True)
+
+
+@spec("optim.adam_defaults_agree", framework="cross")
+def test_adam_defaults_agree_and_one_step_matches():
+    """betas (0.9, 0.999), eps 1e-8 added outside the root in both: three steps from the
+    same point agree to float32 rounding (measured 2.4e-7 on values near 1)."""
+    p0, grads = (
+        np.array([1.0, -2.0, 0.5], np.float32),
+        [np.array(g, np.float32) for g in ([0.5, 0.1, -3.0], [0.2, -0.4, 1.0], [1e-3, 2.0, 0.0])],
+    )
+    t = torch.nn.Parameter(torch.tensor(p0))
+    opt = torch.optim.Adam([t], lr=0.01)
+    tx = optax.adam(0.01)
+    p, state = jnp.asarray(p0), tx.init(jnp.asarray(p0))
+    for g in grads:
+        t.grad = torch.tensor(g)
+        opt.step()
+        update, state = tx.update(jnp.asarray(g), state, p)
+        p = p + update
+    assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8
+    np.testing.assert_allclose(np.asarray(p), t.detach().numpy(), rtol=1e-6, atol=1e-6)

@@ -26,25 +26,32 @@ def framework_of(item) -> str:
     return params.get("fw") or params.get("api") or "cross"
 
 
+def params_of(item) -> str | None:
+    """The test's parameter set other than the framework (``rate=0.25``), or None."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    shown = {k: v for k, v in params.items() if k not in ("fw", "api")}
+    return ", ".join(f"{k}={v}" for k, v in sorted(shown.items())) or None
+
+
 class _Collector:
-    """A pytest plugin that records one spec record per spec test."""
+    """A pytest plugin that records one spec record per (fact, framework, parameter set)."""
 
     def __init__(self, progress: Callable[[str, int], None] | None):
         self.progress = progress
-        self.facts: dict[str, tuple[str, str]] = {}
+        self.facts: dict[str, tuple[str, str, str | None]] = {}
         self.records: list[dict] = []
 
     def pytest_collection_modifyitems(self, items):
         for item in items:
             marker = item.get_closest_marker("spec")
             if marker is not None:
-                self.facts[item.nodeid] = (marker.args[0], framework_of(item))
+                self.facts[item.nodeid] = (marker.args[0], framework_of(item), params_of(item))
 
     def pytest_runtest_logreport(self, report):
         if report.nodeid not in self.facts:
             return
         if report.when == "call" or (report.when == "setup" and not report.passed):
-            fact_id, framework = self.facts[report.nodeid]
+            fact_id, framework, params = self.facts[report.nodeid]
             if report.skipped:
                 ok, detail = (
                     None,
@@ -55,7 +62,8 @@ class _Collector:
             else:
                 message = str(report.longrepr).strip().splitlines()
                 ok, detail = False, f"{report.nodeid}: {message[-1] if message else 'failed'}"
-            self.records.append(SpecRecord(id=fact_id, framework=framework, ok=ok, detail=detail).to_dict())
+            record = SpecRecord(id=fact_id, framework=framework, ok=ok, detail=detail, params=params)
+            self.records.append(record.to_dict())
             if self.progress:
                 self.progress(fact_id, len(self.facts))
 

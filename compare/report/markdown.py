@@ -217,10 +217,18 @@ def render(results: dict[str, Any], out: Path | None = None) -> str:
         facts = results["spec"]
         passed = sum(r["ok"] is True for r in facts)
         skipped = sum(r["ok"] is None for r in facts)
+        by_fact: dict[str, set] = {}
+        for r in facts:
+            by_fact.setdefault(r["id"], set()).add(r["ok"])
+        facts_ok = sum(states == {True} for states in by_fact.values())
+        facts_failed = sum(False in states for states in by_fact.values())
         lines += [
             "## Spec: the facts of SEMANTICS.md, checked on these versions",
             "",
-            f"{passed} of {len(facts)} hold, {len(facts) - passed - skipped} do not, {skipped} could not be checked here.",
+            f"{len(by_fact)} facts: {facts_ok} hold everywhere they were checked, {facts_failed} fail somewhere, "
+            f"{len(by_fact) - facts_ok - facts_failed} could not be checked here in part or whole. "
+            f"{len(facts)} records (one per fact, framework and parameter set): {passed} hold, "
+            f"{len(facts) - passed - skipped} do not, {skipped} could not be checked here.",
             "",
             *_md_table(SpecRecord.columns(), facts),
             "",
