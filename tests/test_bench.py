@@ -152,3 +152,25 @@ def test_the_report_puts_dispatch_bound_groups_in_their_own_table():
     lines = markdown._speedup_tables(records)
     compute, bound = "\n".join(lines).split("Dispatch-bound groups")
     assert "| big |" in compute and "| small |" not in compute and "| small |" in bound
+
+
+def test_the_speedup_spread_over_separate_runs_gives_median_min_and_max(tmp_path, capsys):
+    from compare.report import spread
+
+    def run(jax_sps, torch_sps):
+        recs = [
+            {"model": "mlp", "dtype": "float32", "batch_size": 256, "impl": "jax-scan", "samples_per_s": jax_sps},
+            {"model": "mlp", "dtype": "float32", "batch_size": 256, "impl": "torch-eager", "samples_per_s": torch_sps},
+        ]
+        return {"meta": {}, "bench": recs}
+
+    runs = [run(300, 100), run(200, 100), run(250, 100)]
+    [row] = spread.spread(runs)
+    assert (row["runs"], row["speedup_median"], row["speedup_min"], row["speedup_max"]) == (3, 2.5, 2.0, 3.0)
+    for i, r in enumerate(runs):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "results.json").write_text(__import__("json").dumps(r))
+    assert spread.main([str(tmp_path / str(i)) for i in range(3)]) == 0
+    assert "| mlp | float32 | 256 | 3 | 2.5 | 2 | 3 | jax-scan | torch-eager |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        spread.main([str(tmp_path / "0"), str(tmp_path / "1")])  # two runs are not a spread
