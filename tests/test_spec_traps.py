@@ -255,3 +255,36 @@ def test_adam_defaults_agree_and_one_step_matches():
         p = p + update
     assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8
     np.testing.assert_allclose(np.asarray(p), t.detach().numpy(), rtol=1e-6, atol=1e-6)
+
+
+@spec("bn.nnx.vmap_over_a_shared_train_batchnorm_raises", framework="nnx")
+def test_nnx_vmap_over_a_shared_batchnorm_in_training_raises():
+    """Broadcasting one train-mode BatchNorm into ``nnx.vmap`` (``in_axes=None``) would give
+    every member its own statistics for one shared variable: nnx refuses the batched state."""
+    bn = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    x = jnp.ones((4, 8, 3)) * jnp.arange(4.0)[:, None, None]
+    with pytest.raises(ValueError, match="(?i)axis"):
+        nnx.vmap(lambda m, x: m(x), in_axes=(None, 0))(bn, x)
+
+
+@spec("bn.linen.vmap_needs_variable_axes_for_batch_stats", framework="linen")
+def test_linen_vmap_over_batchnorm_needs_variable_axes_for_batch_stats():
+    """Without ``variable_axes={"batch_stats": 0}`` the vmapped BatchNorm finds no statistics
+    collection; with it each member keeps its own (leading axis)."""
+    from flax.errors import ScopeCollectionNotFound
+
+    class Norm(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.BatchNorm(use_running_average=False)(x)
+
+    x = jnp.ones((4, 8, 3)) * jnp.arange(4.0)[:, None, None]
+    without = nn.vmap(Norm, variable_axes={"params": 0}, split_rngs={"params": True})
+    with pytest.raises(ScopeCollectionNotFound):
+        variables = without().init(jax.random.key(0), x)
+        without().apply(variables, x, mutable=["batch_stats"])
+    with_axes = nn.vmap(Norm, variable_axes={"params": 0, "batch_stats": 0}, split_rngs={"params": True})
+    variables = with_axes().init(jax.random.key(0), x)
+    _, updates = with_axes().apply(variables, x, mutable=["batch_stats"])
+    mean = updates["batch_stats"]["BatchNorm_0"]["mean"]
+    assert mean.shape == (4, 3) and float(mean[3, 0]) > float(mean[0, 0])  # per member

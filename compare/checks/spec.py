@@ -58,7 +58,8 @@ class _Collector:
                     f"skipped: {report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr}",
                 )
             elif report.passed:
-                ok, detail = True, report.nodeid
+                branch = dict(report.user_properties).get("branch")  # a version-dependent fact's rule
+                ok, detail = True, report.nodeid + (f" [{branch}]" if branch else "")
             else:
                 message = str(report.longrepr).strip().splitlines()
                 ok, detail = False, f"{report.nodeid}: {message[-1] if message else 'failed'}"
