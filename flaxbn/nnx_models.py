@@ -104,6 +104,16 @@ def _dropout(rate: float, *, channelwise: bool = False, rngs: nnx.Rngs) -> nnx.D
     return nnx.Dropout(rate, broadcast_dims=(1, 2) if channelwise else (), rngs=rngs)
 
 
+def _downsample(cfg: ModelConfig, c_in: int, c_out: int, *, stride: int, rngs: nnx.Rngs) -> nnx.List | None:
+    """A residual block's shortcut, torch's ``nn.Sequential(conv1x1, bn)`` (entries 0 and 1),
+    or None when the block keeps its shape."""
+    if stride == 1 and c_in == c_out:
+        return None
+    return nnx.List(
+        [_conv(cfg, c_in, c_out, kernel=1, stride=stride, padding=0, rngs=rngs), _batch_norm(cfg, c_out, rngs=rngs)]
+    )
+
+
 # --- models -----------------------------------------------------------------------------------
 
 
@@ -174,12 +184,7 @@ class BasicBlock(nnx.Module):
         self.bn1 = _batch_norm(cfg, c_out, rngs=rngs)
         self.conv2 = _conv(cfg, c_out, c_out, kernel=3, padding=1, rngs=rngs)
         self.bn2 = _batch_norm(cfg, c_out, rngs=rngs)
-        # torch's nn.Sequential(conv1x1, bn): entries 0 and 1
-        shortcut = [
-            _conv(cfg, c_in, c_out, kernel=1, stride=stride, padding=0, rngs=rngs),
-            _batch_norm(cfg, c_out, rngs=rngs),
-        ]
-        self.downsample = nnx.List(shortcut) if stride != 1 or c_in != c_out else None
+        self.downsample = _downsample(cfg, c_in, c_out, stride=stride, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         identity = x if self.downsample is None else self.downsample[1](self.downsample[0](x))
@@ -199,12 +204,7 @@ class Bottleneck(nnx.Module):
         self.bn2 = _batch_norm(cfg, width, rngs=rngs)
         self.conv3 = _conv(cfg, width, c_out, kernel=1, padding=0, rngs=rngs)
         self.bn3 = _batch_norm(cfg, c_out, rngs=rngs)
-        # torch's nn.Sequential(conv1x1, bn): entries 0 and 1
-        shortcut = [
-            _conv(cfg, c_in, c_out, kernel=1, stride=stride, padding=0, rngs=rngs),
-            _batch_norm(cfg, c_out, rngs=rngs),
-        ]
-        self.downsample = nnx.List(shortcut) if stride != 1 or c_in != c_out else None
+        self.downsample = _downsample(cfg, c_in, c_out, stride=stride, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         identity = x if self.downsample is None else self.downsample[1](self.downsample[0](x))

@@ -47,6 +47,14 @@ def _dropout(rate: float, *, channelwise: bool = False) -> nn.Module:
     return nn.Dropout2d(rate) if channelwise else nn.Dropout(rate)
 
 
+def _downsample(cfg: ResNetConfig, c_in: int, c_out: int, *, stride: int) -> nn.Sequential | None:
+    """A residual block's shortcut, ``nn.Sequential(conv1x1, bn)`` (torchvision's keys
+    ``downsample.0``, ``downsample.1``), or None when the block keeps its shape."""
+    if stride == 1 and c_in == c_out:
+        return None
+    return nn.Sequential(_conv(c_in, c_out, kernel=1, stride=stride, padding=0), _batch_norm(cfg, c_out, images=True))
+
+
 # --- models -----------------------------------------------------------------------------------
 
 
@@ -124,9 +132,7 @@ class BasicBlock(nn.Module):
         self.bn1 = _batch_norm(cfg, c_out, images=True)
         self.conv2 = _conv(c_out, c_out, kernel=3, padding=1)
         self.bn2 = _batch_norm(cfg, c_out, images=True)
-        # torch's nn.Sequential(conv1x1, bn): entries 0 and 1
-        shortcut = [_conv(c_in, c_out, kernel=1, stride=stride, padding=0), _batch_norm(cfg, c_out, images=True)]
-        self.downsample = nn.Sequential(*shortcut) if stride != 1 or c_in != c_out else None
+        self.downsample = _downsample(cfg, c_in, c_out, stride=stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -148,9 +154,7 @@ class Bottleneck(nn.Module):
         self.bn2 = _batch_norm(cfg, width, images=True)
         self.conv3 = _conv(width, c_out, kernel=1, padding=0)
         self.bn3 = _batch_norm(cfg, c_out, images=True)
-        # torch's nn.Sequential(conv1x1, bn): entries 0 and 1
-        shortcut = [_conv(c_in, c_out, kernel=1, stride=stride, padding=0), _batch_norm(cfg, c_out, images=True)]
-        self.downsample = nn.Sequential(*shortcut) if stride != 1 or c_in != c_out else None
+        self.downsample = _downsample(cfg, c_in, c_out, stride=stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
