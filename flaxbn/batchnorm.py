@@ -88,6 +88,26 @@ def _torch_running_update(mean, var, count, batch_mean, batch_var, n: int, momen
     return (1 - factor) * mean + factor * batch_mean, (1 - factor) * var + factor * unbiased, count
 
 
+def _flax_running_update(mean, var, batch_mean, batch_var, momentum: float):
+    """Stock Flax's update: ``momentum`` weighs the old value, the *biased* batch variance;
+    no gradient flows into the running statistics."""
+    batch_mean, batch_var = jax.lax.stop_gradient(batch_mean), jax.lax.stop_gradient(batch_var)
+    return momentum * mean + (1 - momentum) * batch_mean, momentum * var + (1 - momentum) * batch_var
+
+
+def _linen_variables(module: nn.Module, features: int, track_running_stats: bool):
+    """(scale, bias, mean, var, count) of a linen BatchNorm here, named as nn.BatchNorm names
+    them, plus the counter; the statistics are None without ``track_running_stats``."""
+    scale = module.param("scale", nn.initializers.ones, (features,)) if module.use_scale else None
+    bias = module.param("bias", nn.initializers.zeros, (features,)) if module.use_bias else None
+    if not track_running_stats:
+        return scale, bias, None, None, None
+    mean = module.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    var = module.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    count = module.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
+    return scale, bias, mean, var, count
+
+
 def _check_torch_batch(x: jax.Array, epsilon: float) -> None:
     if epsilon <= 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {epsilon}")
@@ -170,13 +190,7 @@ class LinenTorchBatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
         use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-        c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,)) if self.use_scale else None
-        bias = self.param("bias", nn.initializers.zeros, (c,)) if self.use_bias else None
-        if self.track_running_stats:
-            ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
-            ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
-            count = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
+        scale, bias, ra_mean, ra_var, count = _linen_variables(self, x.shape[-1], self.track_running_stats)
         training = not use_ra and not self.is_initializing()
         if x.size == 0:
             if training and self.track_running_stats:
@@ -269,12 +283,7 @@ class LinenOnePassBatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
         use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-        c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,)) if self.use_scale else None
-        bias = self.param("bias", nn.initializers.zeros, (c,)) if self.use_bias else None
-        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
-        ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
-        count = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
+        scale, bias, ra_mean, ra_var, count = _linen_variables(self, x.shape[-1], track_running_stats=True)
         training = not use_ra and not self.is_initializing()
         if x.size == 0:
             if training:
@@ -285,9 +294,9 @@ class LinenOnePassBatchNorm(nn.Module):
         else:
             mean, var = _moments(x, "shifted", None if self.is_initializing() else self.axis_name)
             if training:
-                m = self.momentum
-                ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
-                ra_var.value = m * ra_var.value + (1 - m) * jax.lax.stop_gradient(var)
+                ra_mean.value, ra_var.value = _flax_running_update(
+                    ra_mean.value, ra_var.value, mean, var, self.momentum
+                )
                 count.value = count.value + 1
         return _normalize(x, mean, var, scale, bias, self.epsilon).astype(_result_dtype(x, self.dtype))
 
@@ -328,8 +337,8 @@ class NnxOnePassBatchNorm(nnx.Module):
             mean, var = self.mean[...], self.var[...]
         else:
             mean, var = _moments(x, "shifted", self.axis_name)
-            m = self.momentum
-            self.mean[...] = m * self.mean[...] + (1 - m) * jax.lax.stop_gradient(mean)
-            self.var[...] = m * self.var[...] + (1 - m) * jax.lax.stop_gradient(var)
+            self.mean[...], self.var[...] = _flax_running_update(
+                self.mean[...], self.var[...], mean, var, self.momentum
+            )
             self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
         return _normalize(x, mean, var, scale, bias, self.epsilon).astype(_result_dtype(x, self.dtype))

@@ -26,7 +26,6 @@ import json
 import os
 import tempfile
 import time
-import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -123,11 +122,11 @@ def read_torch_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: not a valid safetensors file ({_reason(e)})") from None
         return _checked_state_dict(path, obj)
     try:
-        limits.torch_archive(path)
+        is_zip = limits.torch_archive(path)
     except limits.LimitError as e:
         raise CheckpointError(f"{path}: refused: {e}") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "Weights only load failed" in str(e) or "Unsupported global" in str(e):

@@ -106,13 +106,13 @@ def safetensors_header(path: Path) -> dict[str, Any]:
     return {"__metadata__": meta, **header}
 
 
-def torch_archive(path: Path) -> None:
+def torch_archive(path: Path) -> bool:
     """A ``.pt`` zip archive's declared sizes, before ``torch.load`` reads it: the data
     within :data:`MAX_TOTAL_BYTES` and no entry compressed more than
-    :data:`MAX_COMPRESSION_RATIO` times (a zip bomb). Legacy (non-zip) files pass here and
-    are bounded by torch's own reader."""
+    :data:`MAX_COMPRESSION_RATIO` times (a zip bomb). Returns whether the file is a zip
+    archive; legacy (non-zip) files pass here and are bounded by torch's own reader."""
     if not zipfile.is_zipfile(path):
-        return
+        return False
     try:
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
@@ -127,6 +127,7 @@ def torch_archive(path: Path) -> None:
                 f"entry {i.filename!r} unpacks {i.compress_size} bytes to {i.file_size}: "
                 f"more than {MAX_COMPRESSION_RATIO}x (torch.save does not compress)"
             )
+    return True
 
 
 def tensor_problems(name: Any, tensor: Any) -> list[str]:
