@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     data: dict = {"meta": results.meta(args.device)}
     if args.resume is not None:
         old = results.load(args.resume / "results.json")
-        data = {**old, "meta": {**old["meta"], **data["meta"], "resumed_from": str(args.resume)}}
+        old_meta = {k: v for k, v in old["meta"].items() if k != "stopped"}  # this run says whether it stops
+        data = {**old, "meta": {**old_meta, **data["meta"], "resumed_from": str(args.resume)}}
     saved = results.Results(args.out, data)
     done_suites = set(data["meta"].get("suites_done", []))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -49,6 +49,10 @@ def test_sigterm_after_the_first_group_leaves_that_group_and_lists_the_rest(tmp_
     states = results["meta"]["bench_settings"]["groups"]
     assert states[GROUPS[0]].startswith("done") and states[GROUPS[2]] == "not reached"
     assert "Stopped early" in (tmp_path / "report.md").read_text()
+    # resumed to the end, the run is no longer marked as stopped
+    assert run.main(["--suite", "bench", "--sweep", "smoke-cpu", "--resume", str(tmp_path)]) == 0
+    results = _results(tmp_path)
+    assert "stopped" not in results["meta"] and _groups_measured(results) == dict.fromkeys(GROUPS, 2)
 
 
 def test_a_small_budget_skips_the_groups_it_cannot_finish_and_says_why(tmp_path):
