@@ -190,18 +190,39 @@ class TrainRecord(Record):
     steps_to_target: int | None = field()
     wall_s: float = field()
     curves: dict[str, list[float]] = field(table=False)  # per epoch: train/test loss and accuracy
+    # 0.3: the claims' experiments (absent from older runs)
+    variant: str | None = field(optional=True)  # compare.experiments.nets.VARIANTS
+    train_size: int | None = field(optional=True, table=False)
+    label_noise: float | None = field(optional=True)
+    hidden: list[int] | None = field(optional=True, table=False)
+    probes: dict | None = field(optional=True, table=False)  # compare.experiments.probes' measurements
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Claim(Record):
-    """Derived: the verdict of one claim for one model and framework (meta.train_summary.claims)."""
+    """Derived: the verdict on one claim of the lesson in one framework
+    (meta.train_summary.claims); ``compare.experiments.claims`` and ``.stats`` say how."""
 
     SUITE: ClassVar[str] = ""
-    claim: str = field()
-    model: str = field()
-    framework: str = field()
-    holds: bool = field()
-    detail: str = field()
+    claim: str = field(brief=True)
+    model: str = field(table=False)
+    framework: str = field(brief=True)
+    verdict: str = field(brief=True)  # "holds" | "does not hold" | "negligible" | "inconclusive"
+    holds: bool = field(table=False)  # verdict == "holds" (0.2's field)
+    component: str = field(table=False)  # "BatchNorm" | "Dropout" | "both"
+    lesson: str = field(table=False)  # what the lesson's table says
+    statement: str = field(table=False)
+    metric: str = field(table=False)  # what one seed's effect is
+    min_effect: float = field()
+    effect: float | None = field()  # mean of the per-seed effects
+    ci_low: float | None = field()  # 95% t-interval of that mean
+    ci_high: float | None = field()
+    seeds: int = field()
+    per_seed: list[float] = field(table=False)
+    regime_ok: bool = field()  # the experiment could have shown the effect
+    agrees: bool | None = field(optional=True)  # the other framework reached the same verdict
+    setting: str = field(table=False)  # data, model and sizes the verdict holds for
+    detail: str = field(table=False)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -215,6 +236,7 @@ class Agreement(Record):
     dropout: float = field()
     lr: float = field()
     seed: int = field()
+    variant: str | None = field(optional=True)
     torch_test_acc: float = field()
     linen_test_acc: float = field()
     acc_diff: float | None = field()

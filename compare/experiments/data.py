@@ -254,6 +254,31 @@ def load(name: str = "digits", data_dir: str | Path | None = None, seed: int = 0
     return cifar10(data_dir) if name == "cifar10" else idx_dataset(name, data_dir)
 
 
+def subset(ds: Dataset, n: int, label_noise: float = 0.0, seed: int = 0) -> Dataset:
+    """A class-balanced subset of ``n`` training images (``n // num_classes`` per class),
+    with a fraction ``label_noise`` of its labels replaced by a different class drawn
+    uniformly; the test split is untouched. The same (n, label_noise, seed) gives the same
+    subset to every run and framework."""
+    per_class = n // ds.num_classes
+    counts = np.bincount(ds.y_train, minlength=ds.num_classes)
+    problems = []
+    if per_class < 1:
+        problems.append(f"n = {n} is fewer than one image per class ({ds.num_classes} classes)")
+    if per_class > counts.min():
+        problems.append(f"n = {n} needs {per_class} images per class; the smallest class has {counts.min()}")
+    if not 0.0 <= label_noise < 1.0:
+        problems.append(f"label_noise must be in [0, 1), got {label_noise}")
+    if problems:
+        raise ValueError(f"subset of {ds.name}: " + "; ".join(problems))
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([rng.permutation(np.flatnonzero(ds.y_train == c))[:per_class] for c in range(ds.num_classes)])
+    idx = rng.permutation(idx)
+    y = ds.y_train[idx].copy()
+    flip = rng.random(len(y)) < label_noise
+    y[flip] = (y[flip] + rng.integers(1, ds.num_classes, int(flip.sum()))) % ds.num_classes  # never the true class
+    return dataclasses.replace(ds, x_train=ds.x_train[idx], y_train=y)
+
+
 def batches(n: int, batch_size: int, seed: int, epoch: int) -> Iterator[np.ndarray]:
     """Index arrays of one shuffled epoch (the last incomplete batch is dropped, so every
     step has the same shape). The same (seed, epoch) gives the same order to everyone."""
