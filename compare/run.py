@@ -26,8 +26,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from compare import registry
 from compare.checks import equivalence
+from compare.report import claim_plots, plots, results
 from compare.report import console as console_report
-from compare.report import plots, results
 
 QUICK_MODELS = ["mlp", "cnn", "resnet18", "resnet18_cifar"]
 DEFAULT_SUITES = ["equivalence", "bench"]
@@ -96,10 +96,18 @@ def _bench(args, progress, saved) -> dict:
 def _train(args, progress, saved) -> dict:
     from compare.experiments import claims, data, training
 
-    grid = training.GRIDS["full" if args.full else "quick"]
+    plan = claims.PLANS["full" if args.full else "quick"]
     dataset = data.load(args.dataset, args.data_dir)
-    progress(None, len(grid.runs()))
-    records = training.run(grid, dataset, progress=lambda what: progress(what, None), device=args.device)
+    runs = plan.runs()
+    progress(None, len(runs))
+    records = training.run(
+        runs,
+        dataset,
+        frameworks_of=plan.frameworks,
+        progress=lambda what: progress(what, None),
+        target=plan.target_accuracy,
+        device=args.device,
+    )
     summary = {"claims": claims.claims(records), "framework_agreement": claims.framework_agreement(records)}
     return {"train": records, "meta": {"train_summary": summary}}
 
@@ -245,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     plots.learning_curves(out.get("train", []), args.out / "train_learning_curves.png")
     plots.accuracy_vs_lr(out.get("train", []), args.out / "train_accuracy_vs_lr.png")
     plots.gap_vs_dropout(out.get("train", []), args.out / "train_gap_vs_dropout.png")
+    claim_plots.draw_all(out.get("train", []), out["meta"].get("train_summary", {}).get("claims", []), args.out)
     saved.save()
     if status:
         return status

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from compare.bench.sweep import speedups
 from compare.records import BenchRecord, EquivalenceRecord, SpecRecord
+from compare.report.lesson import effect_text
 from compare.report.markdown import fmt
 
 
@@ -28,11 +29,30 @@ def show(results: dict[str, Any], console: Console | None = None) -> None:
             table.add_column(c, justify="right" if c.startswith(("max", "tol")) else "left")
         for r in results[key]:
             style = "red" if r.get("ok") is False else ("yellow" if r.get("ok") is None else None)
-            table.add_row(*[fmt(r.get(c)).replace("**", "") for c in columns], style=style)
+            table.add_row(*[fmt(r.get(c), c).replace("**", "") for c in columns], style=style)
         console.print(table)
-    for c in results["meta"].get("train_summary", {}).get("claims", []):
-        verdict = "[green]holds[/green]" if c["holds"] else "[yellow]does not hold[/yellow]"
-        console.print(f"{c['claim']} claim, {c['model']} ({c['framework']}): {verdict}: {c['detail']}")
+    claims = results["meta"].get("train_summary", {}).get("claims", [])
+    if claims and "verdict" in claims[0]:
+        colour = {"holds": "green", "does not hold": "red", "negligible": "yellow", "inconclusive": "magenta"}
+        table = Table(title="the lesson's claims (95% interval over seeds)")
+        for c in ("claim", "framework", "verdict", "effect [95% CI]", "min effect", "seeds", "regime ok"):
+            table.add_column(c)
+        for c in claims:
+            v = f"[{colour[c['verdict']]}]{c['verdict']}[/{colour[c['verdict']]}]"
+            table.add_row(
+                c["statement"],
+                c["framework"],
+                v,
+                effect_text(c),
+                f"{c['min_effect']:.3g}",
+                str(c["seeds"]),
+                "yes" if c["regime_ok"] else "no",
+            )
+        console.print(table)
+    else:  # 0.2's claims
+        for c in claims:
+            verdict = "[green]holds[/green]" if c["holds"] else "[yellow]does not hold[/yellow]"
+            console.print(f"{c['claim']} claim, {c['model']} ({c['framework']}): {verdict}: {c['detail']}")
     if "bench" in results:
         for row in speedups(results["bench"]):
             console.print(

@@ -8,9 +8,7 @@ from typing import Any
 
 from compare.bench.sweep import speedups
 from compare.records import (
-    Agreement,
     BenchRecord,
-    Claim,
     DistributedRecord,
     EquivalenceRecord,
     SpecRecord,
@@ -18,14 +16,21 @@ from compare.records import (
     TrainEquivalenceRecord,
     TrainRecord,
 )
+from compare.report import lesson
+
+CHECK_COLUMNS = ("ok", "regime_ok")  # booleans that are a check: ok / **FAIL**; others yes / no
 
 
-def fmt(value: Any) -> str:
+def fmt(value: Any, column: str = "ok") -> str:
     if isinstance(value, bool):
-        return "ok" if value else "**FAIL**"
+        if column in CHECK_COLUMNS:
+            return "ok" if value else "**FAIL**"
+        return "yes" if value else "no"
     if value is None:
         return "-"
     if isinstance(value, float):
+        if value == 0.0:
+            return "0"
         return f"{value:.4g}" if 0.01 <= abs(value) < 1e6 else f"{value:.2e}"
     return str(value)
 
@@ -33,7 +38,7 @@ def fmt(value: Any) -> str:
 def _md_table(columns: tuple[str, ...], rows: list[dict]) -> list[str]:
     """A markdown table of ``rows`` (dicts) with ``columns``."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)).replace("|", "\\|") for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(r.get(c), c).replace("|", "\\|") for c in columns) + " |" for r in rows]
     return lines
 
 
@@ -129,26 +134,57 @@ def _bench_md(results: dict[str, Any], out: Path | None) -> list[str]:
     return lines
 
 
+AGREEMENT_COLUMNS = (
+    "claim",
+    "use_bn",
+    "dropout",
+    "variant",
+    "lr",
+    "runs",
+    "both_diverged",
+    "mean_acc_diff",
+    "max_acc_diff",
+)
+
+
+def _agreement_by_arm(rows: list[dict]) -> list[dict]:
+    """The per-run torch/linen accuracy differences, summarised per arm and learning rate."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        key = (r["claim"], r["use_bn"], r["dropout"], r.get("variant", "standard"), r["lr"])
+        groups.setdefault(key, []).append(r)
+    out = []
+    for (claim, use_bn, dropout, variant, lr), rs in groups.items():
+        diffs = [r["acc_diff"] for r in rs if r["acc_diff"] is not None]
+        out.append(
+            {
+                "claim": claim, "use_bn": use_bn, "dropout": dropout, "variant": variant, "lr": lr, "runs": len(rs),
+                "both_diverged": sum(r["both_diverged"] for r in rs),
+                "mean_acc_diff": sum(diffs) / len(diffs) if diffs else None,
+                "max_acc_diff": max(diffs) if diffs else None,
+            }
+        )  # fmt: skip
+    return out
+
+
 def _train_md(results: dict[str, Any], out: Path | None) -> list[str]:
     summary = results["meta"].get("train_summary", {})
     records = results["train"]
     dataset = records[0]["dataset"] if records else "?"
-    lines = [
-        f"## Training comparison on {dataset}: do the classic claims hold, in both frameworks?",
-        "",
-        *_md_table(Claim.columns(), summary.get("claims", [])),
-    ]
-    lines += [
-        "",
-        "Both frameworks start from the same weights and see the same batches; only the dropout masks differ.",
-        "",
-    ]
+    claims = summary.get("claims", [])
+    lines = [f"## Training comparison on {dataset}: do the classic claims hold, in both frameworks?", ""]
+    if claims and "verdict" in claims[0]:
+        lines += lesson.report_lines(results, "" if out is not None else None)
+    else:  # a results.json from 0.2: one holds/detail row per claim and model
+        lines += [*_md_table(("claim", "model", "framework", "holds", "detail"), claims), ""]
+    lines += ["Both frameworks start from the same weights and see the same batches; only the random draws differ.", ""]
     agreement = summary.get("framework_agreement", [])
     if agreement:
         lines += [
-            "Final test accuracy, torch against linen, per run:",
+            "Final test accuracy, torch against linen, per arm (every run pairs the two frameworks from the same"
+            " weights and batches; `results.json` has each run's pair in `meta.train_summary.framework_agreement`):",
             "",
-            *_md_table(Agreement.columns(), agreement),
+            *_md_table(AGREEMENT_COLUMNS, _agreement_by_arm(agreement)),
             "",
         ]
     for png, caption in [

@@ -82,10 +82,24 @@ def compile_vs_steady(records: list[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _lr_sweep(records: list[dict], *, one_seed: bool = False) -> list[dict]:
+    """The learning-rate runs with and without BatchNorm (no Dropout, the lesson's order);
+    0.2's ``batchnorm`` runs too. ``one_seed``: the first seed only."""
+    recs = [
+        r
+        for r in records
+        if r["claim"] in ("batchnorm", "learning_rate")
+        and r["dropout"] == 0
+        and r.get("variant", "standard") == "standard"
+    ]
+    first = min((r["seed"] for r in recs), default=0)
+    return [r for r in recs if r["seed"] == first] if one_seed else recs
+
+
 def learning_curves(records: list[dict], path: Path) -> Path | None:
-    """BatchNorm claim: test accuracy per epoch, torch (solid) and linen (dashed) on the
-    same axes, one panel per (model, with/without BN), one colour per learning rate."""
-    recs = [r for r in records if r["claim"] == "batchnorm"]
+    """BatchNorm: test accuracy per epoch, torch (solid) and linen (dashed) on the same
+    axes, one panel per (model, with/without BN), one colour per learning rate (first seed)."""
+    recs = _lr_sweep(records, one_seed=True)
     if not recs:
         return None
     panels = sorted({(r["model"], r["use_bn"]) for r in recs}, key=lambda k: (k[0], not k[1]))
@@ -109,8 +123,8 @@ def learning_curves(records: list[dict], path: Path) -> Path | None:
 
 
 def accuracy_vs_lr(records: list[dict], path: Path) -> Path | None:
-    """BatchNorm claim: final test accuracy against learning rate (diverged runs at 0)."""
-    recs = [r for r in records if r["claim"] == "batchnorm"]
+    """BatchNorm: final test accuracy against learning rate (diverged runs at 0; first seed)."""
+    recs = _lr_sweep(records, one_seed=True)
     if not recs:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -138,7 +152,7 @@ def accuracy_vs_lr(records: list[dict], path: Path) -> Path | None:
 def gap_vs_dropout(records: list[dict], path: Path) -> Path | None:
     """Dropout claim: generalisation gap (test - train loss) against the dropout rate."""
 
-    recs = [r for r in records if r["claim"] == "dropout"]
+    recs = [r for r in records if r["claim"] in ("dropout", "overfitting") and not r["use_bn"]]
     if not recs:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
