@@ -51,3 +51,12 @@ def test_the_three_packages_carry_one_version_and_the_changelog_and_citation_nam
     assert f"## {compare.__version__} " in (ROOT / "CHANGELOG.md").read_text()
     assert f"version: {compare.__version__}" in (ROOT / "CITATION.cff").read_text()
     assert "Apache License" in (ROOT / "LICENSE").read_text()
+
+
+def test_the_readmes_claims_section_is_generated_from_the_committed_run():
+    """``python -m compare.report.lesson results/cpu-2core-x86_64/results.json --readme
+    README.md`` rewrites it; hand edits or a newer run without it fail here."""
+    from compare.report import lesson
+
+    results = ROOT / "results" / "cpu-2core-x86_64" / "results.json"
+    assert lesson.main([str(results), "--readme", str(ROOT / "README.md"), "--check"]) == 0

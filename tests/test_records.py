@@ -80,6 +80,10 @@ def test_the_readme_lists_exactly_the_fields_of_every_record_kind():
             assert table.get(kind.__name__) == set(kind.field_names()), kind.__name__
 
 
+def test_the_readme_lists_exactly_the_fields_of_a_claim():
+    assert _readme_fields()["Claim"] == set(records.Claim.field_names())
+
+
 def test_design_md_names_only_fields_that_the_records_have():
     """DESIGN.md's list of fields for equivalence, spec and bench (the shared design doc
     lies beside the checkout in CI; a user's checkout has none)."""

@@ -1,0 +1,166 @@
+"""How a claim of the lesson gets its verdict: the interval over seeds, the minimum effect,
+the regime check, the two frameworks (``compare.experiments.stats`` and ``.claims``)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from compare.experiments import claims, stats
+
+
+def test_the_interval_is_the_paired_t_interval_of_the_mean():
+    """[1, 2, 3, 4, 5]: mean 3, sd sqrt(2.5), t(0.975, 4) = 2.776 (tabulated to 3 decimals,
+    so the bounds agree to 1e-3 with scipy's 1.0368 and 4.9632)."""
+    ci = stats.interval([1, 2, 3, 4, 5])
+    assert ci.effect == 3.0 and ci.n == 5
+    assert ci.low == pytest.approx(1.0368, abs=1e-3) and ci.high == pytest.approx(4.9632, abs=1e-3)
+
+
+def test_identical_seeds_give_a_zero_width_interval():
+    ci = stats.interval([0.25] * 5)
+    assert ci.low == ci.high == 0.25
+
+
+def test_an_interval_needs_two_finite_seeds():
+    with pytest.raises(ValueError, match="at least two seeds"):
+        stats.interval([1.0])
+    with pytest.raises(ValueError, match="must be finite"):
+        stats.interval([1.0, math.nan])
+
+
+@pytest.mark.parametrize(
+    "low, high, verdict",
+    [
+        (0.12, 0.30, "holds"),  # all of it at or above the minimum effect 0.1
+        (0.02, 0.08, "negligible"),  # excludes zero, stays under the minimum
+        (-0.05, 0.08, "negligible"),  # crosses zero but inside (-0.1, 0.1): no effect of the size claimed
+        (-0.30, -0.12, "does not hold"),  # the opposite
+        (-0.05, 0.30, "inconclusive"),  # crosses zero and reaches past the minimum
+        (0.05, 0.30, "inconclusive"),  # straddles the minimum
+    ],
+)
+def test_the_verdict_compares_the_interval_with_zero_and_the_minimum_effect(low, high, verdict):
+    ci = stats.Interval((low + high) / 2, low, high, 5)
+    assert stats.verdict(ci, 0.1) == verdict
+
+
+@pytest.mark.parametrize(
+    "low, high, verdict",
+    [(0.0, 0.0, "holds"), (-0.3, -0.2, "holds"), (0.2, 0.3, "does not hold"), (-0.05, 0.3, "inconclusive")],
+)
+def test_a_claimed_absence_holds_when_the_effect_is_negligible_or_opposite(low, high, verdict):
+    ci = stats.Interval((low + high) / 2, low, high, 5)
+    assert stats.verdict(ci, 0.1, absence=True) == verdict
+
+
+def _overfit(fw, seed, use_bn, p, gap, train_acc=1.0):
+    test_loss = [1.0, 0.8, 0.9, 1.0, 1.1, 1.2]  # its minimum 0.8, then rising: the regime check's 1.1x
+    curves = {"test_loss": test_loss, "train_loss": [t - gap for t in test_loss], "test_acc": [0.8] * 6,
+              "train_acc": [train_acc] * 6}  # fmt: skip
+    return {
+        "claim": "overfitting", "model": "mlp", "framework": fw, "seed": seed, "use_bn": use_bn, "dropout": p,
+        "lr": 0.05, "epochs": 6, "batch_size": 32, "variant": "standard", "dataset": "digits", "train_size": 300,
+        "label_noise": 0.3, "hidden": [256, 256], "curves": curves, "final_train_acc": train_acc,
+        "final_test_acc": 0.8, "diverged": False, "target_accuracy": 0.9, "steps_to_target": None,
+    }  # fmt: skip
+
+
+def _overfitting_runs(gaps_dropout, gaps_bn, train_acc=1.0, frameworks=("torch", "linen")):
+    recs = []
+    for fw in frameworks:
+        for seed, (gd, gb) in enumerate(zip(gaps_dropout, gaps_bn, strict=True)):
+            recs += [
+                _overfit(fw, seed, False, 0.0, 1.0, train_acc),
+                _overfit(fw, seed, False, 0.5, gd, train_acc),
+                _overfit(fw, seed, True, 0.0, gb, train_acc),
+            ]
+    return recs
+
+
+def _verdicts(recs):
+    return {(c["claim"], c["framework"]): c for c in claims.claims(recs)}
+
+
+def test_only_the_claims_whose_experiment_ran_are_judged():
+    out = claims.claims(_overfitting_runs([0.5] * 5, [0.98] * 5))
+    assert {c["claim"] for c in out} == {"bn_reduces_overfitting", "dropout_reduces_overfitting"}
+
+
+def test_dropout_reduces_overfitting_holds_when_every_seed_shrinks_the_gap_past_the_minimum():
+    """Gap 1.0 without Dropout, 0.5 +- 0.02 with it: effect 0.5 with a narrow interval, far
+    above the minimum 0.1; BatchNorm's 0.02 +- 0.01 is negligible (minimum 0.05)."""
+    v = _verdicts(_overfitting_runs([0.48, 0.5, 0.52, 0.49, 0.51], [0.98, 0.97, 0.99, 0.98, 0.98]))
+    for fw in ("torch", "linen"):
+        drop, bn = v[("dropout_reduces_overfitting", fw)], v[("bn_reduces_overfitting", fw)]
+        assert drop["verdict"] == "holds" and drop["regime_ok"] and drop["agrees"] and drop["seeds"] == 5
+        assert drop["effect"] == pytest.approx(0.5) and drop["ci_low"] > 0.1
+        assert bn["verdict"] == "negligible" and bn["ci_high"] < 0.05
+        assert set(drop) >= {"claim", "framework", "verdict", "min_effect", "effect", "ci_low", "ci_high", "seeds",
+                             "regime_ok"}  # fmt: skip
+
+
+def test_a_claim_judged_where_the_network_did_not_overfit_is_inconclusive_whatever_its_effect():
+    """The reference did not fit its training set (train accuracy 0.9): the experiment could
+    not show what Dropout does against overfitting, so no verdict but inconclusive."""
+    v = _verdicts(_overfitting_runs([0.5] * 5, [0.98] * 5, train_acc=0.9))
+    c = v[("dropout_reduces_overfitting", "torch")]
+    assert not c["regime_ok"] and c["verdict"] == "inconclusive" and c["effect"] == pytest.approx(0.5)
+
+
+def test_frameworks_that_reach_different_verdicts_are_marked_as_disagreeing():
+    recs = [r for r in _overfitting_runs([0.5] * 5, [0.98] * 5, frameworks=("torch",))]
+    recs += _overfitting_runs([0.95, 1.05, 0.9, 1.1, 1.0], [0.98] * 5, frameworks=("linen",))
+    v = _verdicts(recs)
+    assert v[("dropout_reduces_overfitting", "torch")]["verdict"] == "holds"
+    assert v[("dropout_reduces_overfitting", "linen")]["verdict"] == "negligible"
+    assert not v[("dropout_reduces_overfitting", "torch")]["agrees"]
+
+
+def test_every_claim_of_the_lesson_has_a_spec_and_a_figure():
+    from compare.report import claim_plots
+
+    assert set(claims.SPEC) == set(claim_plots.DRAW)
+    assert len(claims.SPECS) == 12 and all(s.min_effect > 0 for s in claims.SPECS)
+    lesson_rows = {"bn_speeds_up_training", "bn_allows_higher_learning_rates", "bn_reduces_internal_covariate_shift",
+                   "bn_improves_stability", "dropout_improves_stability", "bn_reduces_overfitting",
+                   "dropout_reduces_overfitting", "dropout_stops_reliance_on_particular_neurons",
+                   "dropout_behaves_like_an_implicit_ensemble", "bn_active_at_inference",
+                   "dropout_active_at_inference", "order_avoids_variance_shift"}  # fmt: skip
+    assert set(claims.SPEC) == lesson_rows
+
+
+def test_the_quick_plan_runs_every_seed_in_both_frameworks_and_more_in_full():
+    quick, full = claims.PLANS["quick"], claims.PLANS["full"]
+    assert len(quick.seeds) >= 5 and len(quick.second_seeds) >= 2 and set(quick.second_seeds) <= set(quick.seeds)
+    assert len(full.seeds) > len(quick.seeds) and len(full.lrs) > len(quick.lrs)
+    runs = quick.runs()
+    assert {r.claim for r in runs} == {"learning_rate", "overfitting", "order"}
+    assert all(np.isin(r.seed, quick.seeds) for r in runs)
+
+
+def test_a_tiny_plan_gives_every_claim_a_verdict_in_both_frameworks_a_report_and_a_figure_each(tmp_path):
+    """The whole path of ``--suite train`` at toy sizes (2 seeds, 2 learning rates, a few
+    epochs): the verdicts mean nothing here, only that each is one of the four."""
+    import dataclasses
+
+    from compare.experiments import data, training
+    from compare.report import claim_plots, lesson
+
+    ds = data.load("digits")
+    ds = data.Dataset(ds.name, ds.x_train[:256], ds.y_train[:256], ds.x_test[:256], ds.y_test[:256], 10)
+    plan = dataclasses.replace(
+        claims.PLANS["quick"], seeds=(0, 1), second_seeds=(0, 1), hidden=(32, 32), lrs=(0.1, 3.0), lr_epochs=2,
+        overfit_size=100, overfit_epochs=3, order_epochs=1,
+    )  # fmt: skip
+    records = training.run(plan.runs(), ds, frameworks_of=plan.frameworks, target=plan.target_accuracy)
+    verdicts = claims.claims(records)
+    assert len(verdicts) == 2 * len(claims.SPECS)
+    assert {v["verdict"] for v in verdicts} <= set(stats.VERDICTS) and all(v["seeds"] == 2 for v in verdicts)
+    results = {"meta": {"train_summary": {"claims": verdicts}}, "train": records}
+    text = "\n".join(lesson.report_lines(results, ""))
+    assert all(s.statement in text for s in claims.SPECS) and "claims_intervals.png" in text
+    drawn = claim_plots.draw_all(records, verdicts, tmp_path)
+    assert set(drawn) == {*claims.SPEC, "intervals"} and all(p.stat().st_size > 5_000 for p in drawn.values())
