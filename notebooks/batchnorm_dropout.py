@@ -252,7 +252,7 @@ for api in ("linen", "nnx"):
 # ## 5. Do the claims hold?
 #
 # `--suite train` tests every row of the lesson's table with an experiment that could show
-# it, from the same initial weights and batches in both frameworks, over 12 seeds, and gives
+# it, from the same initial weights and batches in both frameworks, over 16 seeds, and gives
 # each claim a verdict from a 95% interval against a minimum effect fixed in advance. Here
 # is one of its experiments, smaller: the overfitting regime (300 digits, 30% of their
 # labels wrong, 100 epochs; the network without Dropout must reach 100% training accuracy
