@@ -87,7 +87,22 @@ def sections(claims: list[dict], image_dir: str | None) -> list[str]:
     return lines
 
 
-def report_lines(results: dict[str, Any], image_dir: str | None) -> list[str]:
+def bullets(claims: list[dict]) -> list[str]:
+    """One line per claim: both verdicts, what was measured, the numbers behind the first
+    framework's verdict, and where (README's short form of ``sections``)."""
+    lines = []
+    for by_fw in _by_claim(claims).values():
+        first = next(iter(by_fw.values()))
+        verdicts = ", ".join(f"{fw} **{c['verdict']}**" for fw, c in by_fw.items())
+        numbers = f" Numbers: {first['detail']}." if first["detail"] else ""
+        lines.append(
+            f"* {first['statement']}: {verdicts}. Per seed, {first['metric']}: {effect_text(first)}"
+            f" ({first['framework']}; minimum {_num(first['min_effect'])}).{numbers} Setting: {first['setting']}."
+        )
+    return lines
+
+
+def report_lines(results: dict[str, Any], image_dir: str | None, *, short: bool = False) -> list[str]:
     claims = results.get("meta", {}).get("train_summary", {}).get("claims", [])
     if not claims or "verdict" not in claims[0]:
         return []
@@ -102,6 +117,8 @@ def report_lines(results: dict[str, Any], image_dir: str | None) -> list[str]:
     ]
     if image_dir is not None:
         lines += [f"![every claim's effect over its minimum, with its interval]({image_dir}claims_intervals.png)", ""]
+    if short:
+        return [*lines, *bullets(claims), ""]
     return lines + sections(claims, image_dir)
 
 
@@ -112,9 +129,10 @@ def readme_section(results: dict[str, Any], results_dir: str) -> str:
         BEGIN,
         f"From the committed run `{results_dir}` (`{meta.get('command', '?')}`, commit"
         f" `{(meta.get('git_commit') or '?')[:7]}`, {meta.get('date', '?')[:10]}; torch {meta.get('torch')},"
-        f" jax {meta.get('jax')}, flax {meta.get('flax')}). Its `report.md` has every run and figure.",
+        f" jax {meta.get('jax')}, flax {meta.get('flax')}). Its `report.md` has a section and a figure per"
+        " claim, and every run.",
         "",
-        *report_lines(results, results_dir.rstrip("/") + "/"),
+        *report_lines(results, results_dir.rstrip("/") + "/", short=True),
         END,
     ]
     return "\n".join(lines)
