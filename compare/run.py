@@ -196,12 +196,72 @@ def _resolve_device(device: str, parser: argparse.ArgumentParser) -> str:
     return device
 
 
-class Stopped(Exception):
-    """Raised by the SIGTERM handler, so that the run saves what it has and exits."""
+class Stopped(BaseException):
+    """Raised by the SIGTERM handler, so that the run saves what it has and exits. A
+    BaseException, like KeyboardInterrupt: library code that catches ``Exception`` (to fall
+    back or retry) must not swallow it and carry on."""
+
+
+_STOP_REQUESTS: list[str] = []  # the signals received; a raise from the handler can be lost (see _stop)
 
 
 def _stop(signum, frame):
-    raise Stopped(signal.Signals(signum).name)
+    """Raises at once; the request is also remembered, because Python runs the handler
+    wherever the main thread is, and an exception raised inside a finaliser or a callback
+    that C code calls is printed as "Exception ignored" and lost. ``_check_stop`` raises it
+    again at the next progress report."""
+    _STOP_REQUESTS.append(signal.Signals(signum).name)
+    raise Stopped(_STOP_REQUESTS[-1])
+
+
+def _check_stop() -> None:
+    if _STOP_REQUESTS:
+        raise Stopped(_STOP_REQUESTS[0])
+
+
+def _run_suites(args, console: Console, saved, done_suites: set) -> None:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as bar:
+        for suite in args.suites:
+            _check_stop()
+            if suite in done_suites:
+                console.print(f"{suite}: already in {args.resume}, not run again")
+                continue
+            task = bar.add_task(suite, total=None)
+
+            def progress(what, total, task=task, suite=suite):
+                _check_stop()
+                if total is not None:
+                    bar.update(task, total=total)
+                if what is not None:
+                    bar.update(task, advance=1, description=f"{suite}: {what}")
+
+            saved.data["meta"]["running"] = suite
+            part = RUNNERS[suite](args, progress, saved)
+            complete = part.pop("complete", True)
+            saved.merge(part)
+            if complete:
+                saved.data["meta"]["suites_done"] = [*saved.data["meta"].get("suites_done", []), suite]
+            saved.save()
+    saved.data["meta"].pop("running", None)
+
+
+def _stopped(e: BaseException, saved, console: Console, args) -> int:
+    """Marks the run as stopped (by what, during which suite); returns the exit status."""
+    name = str(e) if isinstance(e, Stopped) else "SIGINT"
+    saved.data["meta"]["stopped"] = f"{name} during {saved.data['meta'].pop('running', 'the report')}"
+    console.print(f"[yellow]stopped by {name}: results so far in {args.out}[/yellow]")
+    return 128 + signal.Signals[name].value
+
+
+def _write_figures(out: dict, folder: Path) -> None:
+    plots.divergence(out.get("equivalence", []), folder / "train_divergence.png")
+    plots.throughput(out.get("bench", []), folder / "bench_throughput.png")
+    plots.compile_vs_steady(out.get("bench", []), folder / "bench_compile_vs_steady.png")
+    plots.learning_curves(out.get("train", []), folder / "train_learning_curves.png")
+    plots.accuracy_vs_lr(out.get("train", []), folder / "train_accuracy_vs_lr.png")
+    plots.gap_vs_dropout(out.get("train", []), folder / "train_gap_vs_dropout.png")
+    claim_plots.draw_all(out.get("train", []), out["meta"].get("train_summary", {}).get("claims", []), folder)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,47 +274,23 @@ def main(argv: list[str] | None = None) -> int:
         data = {**old, "meta": {**old_meta, **data["meta"], "resumed_from": str(args.resume)}}
     saved = results.Results(args.out, data)
     done_suites = set(data["meta"].get("suites_done", []))
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    previous = signal.signal(signal.SIGTERM, _stop)
+    _STOP_REQUESTS.clear()  # main() can run more than once in a process (tests)
+    previous = signal.signal(signal.SIGTERM, _stop)  # kept until the results are written
     status = 0
     try:
-        with Progress(*columns, console=console) as bar:
-            for suite in args.suites:
-                if suite in done_suites:
-                    console.print(f"{suite}: already in {args.resume}, not run again")
-                    continue
-                task = bar.add_task(suite, total=None)
-
-                def progress(what, total, task=task, suite=suite):
-                    if total is not None:
-                        bar.update(task, total=total)
-                    if what is not None:
-                        bar.update(task, advance=1, description=f"{suite}: {what}")
-
-                saved.data["meta"]["running"] = suite
-                part = RUNNERS[suite](args, progress, saved)
-                complete = part.pop("complete", True)
-                saved.merge(part)
-                if complete:
-                    saved.data["meta"]["suites_done"] = [*saved.data["meta"].get("suites_done", []), suite]
-                saved.save()
-        saved.data["meta"].pop("running", None)
-    except (Stopped, KeyboardInterrupt) as e:
-        name = str(e) if isinstance(e, Stopped) else "SIGINT"
-        saved.data["meta"]["stopped"] = f"{name} during {saved.data['meta'].pop('running', '?')}"
-        status = 128 + signal.Signals[name].value
-        console.print(f"[yellow]stopped by {name}: results so far in {args.out}[/yellow]")
+        try:
+            _run_suites(args, console, saved, done_suites)
+        except (Stopped, KeyboardInterrupt) as e:
+            status = _stopped(e, saved, console, args)
+        try:
+            _check_stop()
+            _write_figures(saved.data, args.out)
+        except (Stopped, KeyboardInterrupt) as e:  # while drawing: the measurements are already saved
+            status = _stopped(e, saved, console, args)
+        saved.save()
     finally:
         signal.signal(signal.SIGTERM, previous)
     out = saved.data
-    plots.divergence(out.get("equivalence", []), args.out / "train_divergence.png")
-    plots.throughput(out.get("bench", []), args.out / "bench_throughput.png")
-    plots.compile_vs_steady(out.get("bench", []), args.out / "bench_compile_vs_steady.png")
-    plots.learning_curves(out.get("train", []), args.out / "train_learning_curves.png")
-    plots.accuracy_vs_lr(out.get("train", []), args.out / "train_accuracy_vs_lr.png")
-    plots.gap_vs_dropout(out.get("train", []), args.out / "train_gap_vs_dropout.png")
-    claim_plots.draw_all(out.get("train", []), out["meta"].get("train_summary", {}).get("claims", []), args.out)
-    saved.save()
     if status:
         return status
     console_report.show(out, console)

@@ -60,7 +60,7 @@ def speed(records: list[dict], ax) -> None:
             ax.plot(lrs, steps, STYLE[fw], marker="o", color=colour, label=f"{name} ({fw})")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
-    ax.set_ylabel("steps to the target test accuracy (mean over seeds; gap: never)")
+    ax.set_ylabel("steps to the target test accuracy\n(mean over seeds; no point: never reached)")
 
 
 def higher_lr(records: list[dict], ax) -> None:
@@ -249,7 +249,7 @@ def intervals(claims: list[dict], ax) -> None:
     ax.axvline(1, color="tab:green", lw=0.8, ls="--")
     ax.axvline(-1, color="tab:red", lw=0.8, ls=":")
     ax.set_xscale("symlog")
-    ax.set_xlabel("effect / minimum effect (95% interval over seeds); 1: the claim's threshold")
+    ax.set_xlabel("effect / minimum effect, 95% interval over seeds (1: the threshold)")
 
 
 DRAW: dict[str, Callable] = {
