@@ -249,6 +249,7 @@ def _run_suites(args, console: Console, saved, done_suites: set) -> None:
 def _stopped(e: BaseException, saved, console: Console, args) -> int:
     """Marks the run as stopped (by what, during which suite); returns the exit status."""
     name = str(e) if isinstance(e, Stopped) else "SIGINT"
+    _STOP_REQUESTS.clear()  # handled: the figures are still drawn, and a new request stops those
     saved.data["meta"]["stopped"] = f"{name} during {saved.data['meta'].pop('running', 'the report')}"
     console.print(f"[yellow]stopped by {name}: results so far in {args.out}[/yellow]")
     return 128 + signal.Signals[name].value

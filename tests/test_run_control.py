@@ -42,7 +42,7 @@ def test_sigterm_after_the_first_group_leaves_that_group_and_lists_the_rest(tmp_
             raise AssertionError(f"the run ended before it could be stopped: {proc.stderr.read().decode()[-2000:]}")
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM, proc.stderr.read().decode()[-3000:]
     results = _results(tmp_path)
     assert _groups_measured(results) == {GROUPS[0]: 2}
     assert results["meta"]["stopped"] == "SIGTERM during bench"
