@@ -24,8 +24,19 @@ from compare.experiments.design import (  # noqa: F401  (PLANS and Plan: re-expo
 from compare.records import Agreement, Claim
 
 
-def _unstable(r: dict) -> bool:
+def unstable(r: dict) -> bool:
+    """Diverged, or ended under ``STABLE_ACCURACY``."""
     return r["diverged"] or not r["final_test_acc"] >= STABLE_ACCURACY
+
+
+def select(records: list[dict], claim: str, **match) -> list[dict]:
+    """The records of one experiment whose fields equal ``match`` (a record from before
+    variants existed counts as ``variant="standard"``)."""
+    return [
+        r
+        for r in records
+        if r["claim"] == claim and all(r.get(k, "standard" if k == "variant" else None) == v for k, v in match.items())
+    ]
 
 
 def generalisation_gap(r: dict) -> float:
@@ -46,13 +57,7 @@ class _Runs:
         )
 
     def find(self, claim: str, seed: int, **match) -> list[dict]:
-        return [
-            r
-            for r in self.records
-            if r["claim"] == claim
-            and r["seed"] == seed
-            and all((r.get(k, "standard" if k == "variant" else None) == v) for k, v in match.items())
-        ]
+        return select(self.records, claim, seed=seed, **match)
 
     def one(self, claim: str, seed: int, **match) -> dict:
         found = self.find(claim, seed, **match)
@@ -102,19 +107,19 @@ def _per_seed(runs: _Runs, claim: str) -> tuple[list[float], bool, str]:
             elif claim == "bn_allows_higher_learning_rates":
                 a, b = _max_lr(bn), _max_lr(plain)
                 effects.append(math.log10(a / b))
-                regime.append(_unstable(plain[-1]) and b > min(r["lr"] for r in plain))
+                regime.append(unstable(plain[-1]) and b > min(r["lr"] for r in plain))
                 note("largest lr with BN", a), note("largest lr without", b)
             else:
-                a, b = np.mean([_unstable(r) for r in plain]), np.mean([_unstable(r) for r in bn])
+                a, b = np.mean([unstable(r) for r in plain]), np.mean([unstable(r) for r in bn])
                 effects.append(float(a - b))
-                regime.append(any(_unstable(r) for r in plain + bn))
+                regime.append(any(unstable(r) for r in plain + bn))
                 note("unstable without BN", a), note("unstable with BN", b)
         elif claim == "dropout_improves_stability":
             plain = _lr_arm(runs, s, False, 0.0)
             drop = [r for r in runs.find("learning_rate", s, use_bn=False, variant="standard") if r["dropout"] > 0]
-            a, b = np.mean([_unstable(r) for r in plain]), np.mean([_unstable(r) for r in drop])
+            a, b = np.mean([unstable(r) for r in plain]), np.mean([unstable(r) for r in drop])
             effects.append(float(a - b))
-            regime.append(any(_unstable(r) for r in plain + drop))
+            regime.append(any(unstable(r) for r in plain + drop))
             note("unstable without Dropout", a), note("unstable with Dropout", b)
         elif claim == "bn_reduces_internal_covariate_shift":
             (bn,), (plain,) = _probed(runs, s, "ics", use_bn=True), _probed(runs, s, "ics", use_bn=False)

@@ -48,6 +48,11 @@ def _inputs(spec: registry.ModelSpec, x: np.ndarray) -> np.ndarray:
     return x.reshape(len(x), -1) if len(spec.input_shape) == 1 else x  # mlp: (N, C, H, W) -> (N, C*H*W)
 
 
+def _hidden_layers(spec: registry.ModelSpec) -> int:
+    """The mlp's hidden layers (``drop1`` .. ``drop{n}``); 0 for other models."""
+    return len(spec.config.hidden) if spec.name == "mlp" else 0
+
+
 def _identity_drop(variant: str, index: int, layers: int) -> bool:
     """Whether the variant turns ``drop{index}`` (after the activation) into the identity."""
     return variant == "dropout_before_bn" or (variant == "dropout_last_only" and index < layers)
@@ -81,7 +86,7 @@ class TorchNet:
         }
         self._ablate: dict[str, torch.Tensor] | None = None
         self._captured: dict[str, tuple] | None = None
-        layers = len(getattr(spec.config, "hidden", ())) if spec.name == "mlp" else 0
+        layers = _hidden_layers(spec)
         for name, module in self.model.named_modules():
             if _index(name, "bn") is not None:
                 module.register_forward_pre_hook(self._bn_input)
@@ -252,7 +257,7 @@ def _linen_fns(spec: registry.ModelSpec, variant: str, rate: float):
     """Jitted functions per (architecture, variant); the learning rate lives in the
     optimizer state (``inject_hyperparams``), so a sweep over it compiles once."""
     model = spec.build_linen()
-    layers = len(getattr(spec.config, "hidden", ())) if spec.name == "mlp" else 0
+    layers = _hidden_layers(spec)
 
     def apply(*args, ablate=None, capture=False, **kwargs):
         with nn.intercept_methods(_interceptor(variant, rate, layers, ablate, capture)):

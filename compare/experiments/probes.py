@@ -81,7 +81,7 @@ def ablation(net, fractions: tuple[float, ...], draws: int, seed: int = 0) -> di
     site (after the activation; no rescaling), averaged over ``draws`` random choices of
     units; the same choices for every network and framework (``seed``)."""
     labels = net.labels("test")
-    widths = {n: a[0].shape[-1] for n, a in net.captured("test").items() if n.startswith("drop")}
+    widths = {f"drop{i}": width for i, width in enumerate(net.spec.config.hidden, start=1)}  # the mlp's sites
     rng = np.random.default_rng(seed)
     acc = {}
     for f in fractions:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from compare.experiments.claims import select, unstable
 from compare.experiments.design import ABLATED_FRACTION, SPEC, STABLE_ACCURACY
 from compare.report.plots import _save, plt
 
@@ -17,14 +18,6 @@ STYLE = {"torch": "-", "linen": "--"}
 
 def _frameworks(records: list[dict]) -> list[str]:
     return [fw for fw in ("torch", "linen") if any(r["framework"] == fw for r in records)]
-
-
-def _pick(records: list[dict], claim: str, **match) -> list[dict]:
-    return [
-        r
-        for r in records
-        if r["claim"] == claim and all(r.get(k, "standard" if k == "variant" else None) == v for k, v in match.items())
-    ]
 
 
 def _band(ax, x, rows: list[list[float]], label: str, style: str, colour):
@@ -38,22 +31,21 @@ def _band(ax, x, rows: list[list[float]], label: str, style: str, colour):
     ax.fill_between(x[:n], a.min(0), a.max(0), color=colour, alpha=0.12)
 
 
-def _lr_arms(records):
-    return [
-        ("BatchNorm", dict(use_bn=True, dropout=0.0), "tab:blue"),
-        ("plain", dict(use_bn=False, dropout=0.0), "tab:grey"),
-        ("Dropout", dict(use_bn=False), "tab:orange"),
-    ]
+LR_ARMS = (  # the learning-rate experiment's arms: name, fields, colour (Dropout: any rate > 0)
+    ("BatchNorm", dict(use_bn=True, dropout=0.0), "tab:blue"),
+    ("plain", dict(use_bn=False, dropout=0.0), "tab:grey"),
+    ("Dropout", dict(use_bn=False), "tab:orange"),
+)
 
 
 def _arm(records, claim, fw, match):
-    rs = [r for r in _pick(records, claim, framework=fw, variant="standard", **match)]
+    rs = select(records, claim, framework=fw, variant="standard", **match)
     return [r for r in rs if "dropout" in match or r["dropout"] > 0]
 
 
 def speed(records: list[dict], ax) -> None:
     for fw in _frameworks(records):
-        for name, match, colour in _lr_arms(records)[:2]:
+        for name, match, colour in LR_ARMS[:2]:
             rs = _arm(records, "learning_rate", fw, match)
             lrs = sorted({r["lr"] for r in rs})
             steps = [np.mean([r["steps_to_target"] or np.nan for r in rs if r["lr"] == lr]) for lr in lrs]
@@ -65,7 +57,7 @@ def speed(records: list[dict], ax) -> None:
 
 def higher_lr(records: list[dict], ax) -> None:
     for fw in _frameworks(records):
-        for name, match, colour in _lr_arms(records):
+        for name, match, colour in LR_ARMS:
             rs = _arm(records, "learning_rate", fw, match)
             lrs = sorted({r["lr"] for r in rs})
             acc = [[0.0 if r["diverged"] else r["final_test_acc"] for r in rs if r["lr"] == lr] for lr in lrs]
@@ -82,15 +74,12 @@ def higher_lr(records: list[dict], ax) -> None:
 def stability(arms: tuple[str, ...]) -> Callable:
     def draw(records: list[dict], ax) -> None:
         for fw in _frameworks(records):
-            for name, match, colour in _lr_arms(records):
+            for name, match, colour in LR_ARMS:
                 if name not in arms:
                     continue
                 rs = _arm(records, "learning_rate", fw, match)
                 lrs = sorted({r["lr"] for r in rs})
-                frac = [
-                    np.mean([r["diverged"] or not r["final_test_acc"] >= STABLE_ACCURACY for r in rs if r["lr"] == lr])
-                    for lr in lrs
-                ]
+                frac = [np.mean([unstable(r) for r in rs if r["lr"] == lr]) for lr in lrs]
                 ax.plot(lrs, frac, STYLE[fw], marker="o", color=colour, label=f"{name} ({fw})")
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
@@ -109,7 +98,7 @@ def ics(records: list[dict], ax) -> None:
         for name, match, colour in arms:
             rows = [
                 r["probes"]["ics"]
-                for r in _pick(records, "learning_rate", framework=fw, **match)
+                for r in select(records, "learning_rate", framework=fw, **match)
                 if "ics" in r.get("probes", {})
             ]
             if rows:
@@ -125,7 +114,7 @@ def overfitting(other: dict, name: str) -> Callable:
                                          (name, other, "tab:green")):  # fmt: skip
                 rs = [
                     r
-                    for r in _pick(records, "overfitting", framework=fw, **match)
+                    for r in select(records, "overfitting", framework=fw, **match)
                     if "dropout" in match or r["dropout"] > 0
                 ]
                 if not rs:
@@ -145,7 +134,7 @@ def reliance(records: list[dict], ax) -> None:
         for p, colour in ((False, "tab:grey"), (True, "tab:orange")):
             rs = [
                 r
-                for r in _pick(records, "learning_rate", framework=fw, use_bn=False, variant="standard")
+                for r in select(records, "learning_rate", framework=fw, use_bn=False, variant="standard")
                 if "ablation_acc" in r.get("probes", {}) and (r["dropout"] > 0) == p
             ]
             if not rs:
@@ -163,7 +152,7 @@ def reliance(records: list[dict], ax) -> None:
 
 def ensemble(records: list[dict], ax) -> None:
     for fw in _frameworks(records):
-        rs = [r for r in _pick(records, "learning_rate", framework=fw) if "mc_acc_by_members" in r.get("probes", {})]
+        rs = [r for r in select(records, "learning_rate", framework=fw) if "mc_acc_by_members" in r.get("probes", {})]
         if not rs:
             continue
         ks = sorted(int(k) for k in rs[0]["probes"]["mc_acc_by_members"])
@@ -186,7 +175,7 @@ def active(key: str, prefix: str) -> Callable:
         for j, fw in enumerate(_frameworks(records)):
             per = [
                 r["probes"][f"{key}_per_layer"]
-                for r in _pick(records, "learning_rate", framework=fw)
+                for r in select(records, "learning_rate", framework=fw)
                 if f"{key}_per_layer" in r.get("probes", {}) and (prefix == "bn" or r["dropout"] > 0)
             ]
             if not per:
@@ -205,7 +194,7 @@ def order(records: list[dict], ax) -> None:
     variants = ("standard", "dropout_before_bn", "dropout_last_only")
     width = 0.4
     for j, fw in enumerate(_frameworks(records)):
-        rs = _pick(records, "order", framework=fw)
+        rs = select(records, "order", framework=fw)
         layers = sorted({k for r in rs for k in r.get("probes", {}).get("variance_ratio", {})})
         for i, v in enumerate(variants):
             ratios = [r["probes"]["variance_ratio"] for r in rs if r.get("variant") == v and "probes" in r]
