@@ -95,12 +95,14 @@ def test_reduced_bottleneck_round_trips_are_bit_exact_in_every_direction(name):
 
 @pytest.mark.parametrize("api", ["linen", "nnx"])
 def test_a_reduced_resnext_trains_like_torch_with_injected_masks(api):
-    """Grouped convolutions in training: logits, gradients and statistics of one step."""
+    """Grouped convolutions in training: logits, gradients and statistics of one step.
+    The deep network's own entries of the tolerance table (BatchNorm over 8 values at the
+    last stage amplifies rounding: logits 1.25e-5 abs on an AVX-512 Xeon)."""
     spec = _reduced("resnext50_32x4d").replace(dropout=0.3)
     step = train_equivalence.one_step(spec, api, batch=8)
-    assert train_equivalence.LOGITS.holds(step["logits_max_abs_diff"], step["logits_scale"])
+    assert tolerances.get("train.logits_deep").holds(step["logits_max_abs_diff"], step["logits_scale"]), step
     assert tolerances.get("train.grads_deep").holds(step["grad_max_rel_diff"], 1.0), step["grad_rel_diff"]
-    assert train_equivalence.STATS.holds(step["stats_max_abs_diff"], step["stats_scale"])
+    assert tolerances.get("train.stats_deep").holds(step["stats_max_abs_diff"], step["stats_scale"])
 
 
 def test_zero_init_residual_zeroes_the_last_batchnorm_of_every_bottleneck():

@@ -47,6 +47,11 @@ TOLERANCES: dict[str, Tolerance] = {
     "train.stats": Tolerance(1e-6, 1e-6, "2.4e-7 abs with bn_semantics='torch'"),
     # a deep network whose last stage sees 1x1 maps of a batch of 8: BatchNorm over 8 values
     "train.grads_deep": Tolerance(1e-4, 0.0, "1.3e-5 relative (reduced resnext, layer4.0.bn2.weight)"),
+    # the same deep network's logits and running statistics: the eval ResNets' bound. On an
+    # Intel Xeon with AVX-512 (oneDNN picks other kernels than on the AMD EPYC the first
+    # bound was measured on) train.logits failed here: 1.25e-5 abs at scale 1.84
+    "train.logits_deep": Tolerance(1e-5, 1e-4, "1.25e-5 abs (scale 1.8), 5e-6 typical; reduced resnext, seeds 0-3"),
+    "train.stats_deep": Tolerance(1e-5, 1e-5, "5.7e-6 abs, reduced resnext, seeds 0-3 (Xeon, AVX-512)"),
     # 200 SGD steps in float64: identical arithmetic up to rounding
     "train.trajectory_float64": Tolerance(1e-10, 0.0, "7e-14 (mlp), 5e-14 (cnn) relative at step 200"),
     # data parallelism: reductions in another order across shards, 2-8 simulated devices
