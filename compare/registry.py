@@ -45,6 +45,16 @@ class ModelSpec:
             return (h, w, c)
         return self.input_shape
 
+    @property
+    def input_rule(self) -> str:
+        """Which inputs the model takes, in torch's layout (the Flax side takes the same in NHWC)."""
+        cfg = self.config
+        if isinstance(cfg, MLPConfig):
+            return f"(N, {cfg.in_features})"
+        if isinstance(cfg, CNNConfig):
+            return f"(N, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}) exactly (the Linear after the flatten fixes it)"
+        return f"(N, {cfg.in_channels}, H, W) with H, W >= {cfg.min_image_size} (any size above: global pooling)"
+
     def replace(self, **fields) -> ModelSpec:
         """The same architecture with some config fields changed (input shape follows)."""
         cfg = dataclasses.replace(self.config, **fields)

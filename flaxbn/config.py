@@ -175,6 +175,13 @@ class ResNetConfig(CommonConfig):
         """Each stage's "planes"; its blocks output ``planes * expansion`` channels."""
         return tuple(self.width * 2**i for i in range(len(self.layers)))
 
+    @property
+    def min_image_size(self) -> int:
+        """The smallest side an input image may have: each stride-2 step halves it, and the
+        last stage must still see at least one pixel (32 for the imagenet stem and four
+        stages, 8 for the cifar stem)."""
+        return 2 ** (len(self.layers) - 1 + (2 if self.stem == "imagenet" else 0))
+
     def inner_width(self, planes: int) -> int:
         """A bottleneck's 3x3 width, torchvision's ``int(planes * width_per_group / 64) * groups``."""
         return int(planes * (self.width_per_group / 64.0)) * self.groups
@@ -207,7 +214,7 @@ def input_problems(cfg, shape: tuple[int, ...], is_float: bool, train: bool, lay
             if isinstance(cfg, CNNConfig) and (h, w) != (cfg.image_size, cfg.image_size):
                 problems.append(f"shape {tuple(shape)}: expected {cfg.image_size}x{cfg.image_size} images, got {h}x{w}")
             if isinstance(cfg, ResNetConfig):
-                smallest = 2 ** (len(cfg.layers) - 1 + (2 if cfg.stem == "imagenet" else 0))
+                smallest = cfg.min_image_size
                 if min(h, w) < smallest:
                     problems.append(
                         f"shape {tuple(shape)}: images must be at least {smallest}x{smallest} for this ResNet"

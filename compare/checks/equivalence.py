@@ -11,7 +11,10 @@ layer whose output differs, so a porting bug is found in seconds.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import functools
+import warnings
 from typing import Any
 
 import jax
@@ -28,10 +31,17 @@ from compare.registry import ModelSpec, get
 
 @dataclasses.dataclass
 class LayerDiff:
+    """One row of the divergence report. Errors are against torch in float64."""
+
     layer: str
-    max_abs_diff: float
+    max_abs_diff: float  # max |flax - torch| (both float32)
     scale: float  # max |torch output| of that layer
     ok: bool
+    call: int = 0  # which call of a layer used more than once (torchvision's shared ReLU)
+    port_error: float | None = None  # max |flax - torch float64|
+    torch_error: float | None = None  # max |torch float32 - torch float64|: torch's own error
+    bound: float | None = None  # the largest port_error that is ok here
+    detail: str | None = None  # a shape mismatch, or why there is no float64 reference
 
 
 def randomize_batchnorm(model: torch.nn.Module, x: torch.Tensor, seed: int) -> None:
@@ -133,7 +143,7 @@ def _check_eval(
     got = flax_eval(spec, api, state, x, dtype)
     diff = diffs.tree_diff(got, expected)
     ok = tol.holds(diff.max_abs, diff.scale)
-    layers = [] if ok or dtype != "float32" else layerwise(spec, api, model, state, x, tol)
+    layers = [] if ok or dtype != "float32" else layerwise(spec, api, model, state, x)
     return EquivalenceRecord(
         model=spec.name,
         flax_api=api,
@@ -148,28 +158,56 @@ def _check_eval(
     ).to_dict()
 
 
-def _torch_outputs(model: torch.nn.Module, x: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    """Outputs of every named submodule, in execution order."""
-    outputs, hooks = [], []
-    for name, module in model.named_modules():
-        if name:
-            hooks.append(
-                module.register_forward_hook(
-                    lambda m, i, o, name=name: outputs.append((name, o.detach().cpu().numpy()))
-                )
-            )
-    device = next(model.parameters()).device
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """``model`` in eval mode, every module's own mode restored afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _torch_outputs(model: torch.nn.Module, x: np.ndarray) -> dict[str, list[np.ndarray]]:
+    """Every call's output of every named submodule, in execution order: {name: [call 0,
+    call 1, ...]}. Each output is *copied* when its hook runs: ``detach().numpy()`` shares
+    memory with the tensor, and a later in-place op (``ReLU(inplace=True)``, ``out +=
+    identity``) would overwrite what was stored."""
+    outputs: dict[str, list[np.ndarray]] = {}
+
+    def keep(module, inputs, output, name):
+        if isinstance(output, torch.Tensor):
+            outputs.setdefault(name, []).append(output.detach().to("cpu", copy=True).numpy())
+
+    hooks = [
+        module.register_forward_hook(functools.partial(keep, name=name))
+        for name, module in model.named_modules()
+        if name
+    ]
+    param = next(model.parameters(), None)
     try:
         with torch.no_grad():
-            model(torch.from_numpy(x).to(device))
+            model(torch.from_numpy(x).to(param.device if param is not None else "cpu"))
     finally:
         for h in hooks:
             h.remove()
     return outputs
 
 
-def _flax_outputs(api: str, linen_model: Any, state: Any, x: np.ndarray) -> dict[str, np.ndarray]:
-    """Outputs of every Flax submodule, keyed by their dotted path."""
+def _torch_float64_outputs(model: torch.nn.Module, x: np.ndarray) -> dict[str, list[np.ndarray]] | str:
+    """The same outputs from a float64 copy of ``model`` (the reference of every error), or
+    why it could not run in float64."""
+    try:
+        reference = copy.deepcopy(model).to("cpu", torch.float64)
+        return _torch_outputs(reference, x.astype(np.float64))
+    except Exception as e:  # a forward that builds float32 tensors itself, a module deepcopy refuses
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _flax_outputs(api: str, linen_model: Any, state: Any, x: np.ndarray) -> dict[str, list[np.ndarray]]:
+    """Every call's output of every Flax submodule, keyed by its dotted path (copied)."""
     xf = jnp.asarray(conventions.to_flax_input(x))
     if api == "linen":
         _, inter = linen_model.apply(state, xf, train=False, capture_intermediates=True, mutable=["intermediates"])
@@ -178,40 +216,97 @@ def _flax_outputs(api: str, linen_model: Any, state: Any, x: np.ndarray) -> dict
         state.eval()
         _, inter = nnx.capture(state, nnx.Intermediate, method_outputs=nnx.Intermediate)(xf)
         flat = {path: var.get_value() for path, var in nnx.to_flat_state(inter)}
-    return {".".join(map(str, path[:-1])): np.asarray(out[0]) for path, out in flat.items() if path[-1] == "__call__"}
+    return {
+        ".".join(map(str, path[:-1])): [np.array(o, copy=True) for o in out]
+        for path, out in flat.items()
+        if path[-1] == "__call__"
+    }
 
 
 def layerwise(
-    spec: ModelSpec | transfer.Port,
+    spec: ModelSpec | transfer.Port | str,
     api: str,
     torch_model: torch.nn.Module,
     state: Any,
     x: np.ndarray,
-    tol: tolerances.Tolerance,
+    tol: tolerances.Tolerance | None = None,
     *,
     linen_model: Any = None,
 ) -> list[LayerDiff]:
-    """Per-layer max |torch - flax| in torch's execution order, for layers both sides
-    name. A layer is ok when its difference is within ``tol`` of that layer's output.
-    ``spec`` may be a custom pair (``transfer.custom``, whose ``rename`` is followed); for
-    linen, ``linen_model`` is the module (default: the registry spec's)."""
+    """The divergence report: per layer (and per call of a layer used twice), in torch's
+    execution order, how far the Flax output is from torch's, for the layers both sides
+    name (module paths; a custom pair's ``rename`` is followed).
+
+    Both sides are judged against torch run in float64 on a copy of ``torch_model``: a
+    layer is not ok when the port's float32 error there is above ``factor`` times torch's
+    own float32 error at that layer (plus a floor of a few roundings; the ``layerwise``
+    entry of the tolerance table), so a correct port of any depth reports nothing and the
+    first layer that is really wrong comes first. Every captured output is copied, so
+    in-place ops cannot overwrite what was captured.
+
+    Args:
+      spec: a registry name, a ``ModelSpec`` or a ``transfer.custom`` pair.
+      api: "linen" (``state`` = variables) or "nnx" (``state`` = the model).
+      x: one batch in torch's layout.
+      tol: deprecated: used only when the model cannot run in float64, as an absolute bound.
+      linen_model: the linen module (default: the registry spec's); checked first with
+        :func:`compare.transfer.check_twin`, as is an nnx ``state``.
+    """
+    spec = transfer.rules.resolve(spec)
+    if tol is not None:
+        warnings.warn(
+            "layerwise(tol=...) is deprecated: layers are judged against torch's own float32 error "
+            "(tolerances 'layerwise'); tol is used only for a model that cannot run in float64",
+            DeprecationWarning,
+            stacklevel=2,
+        )
     if api == "linen" and linen_model is None:
         linen_model = spec.build_linen()
+    if isinstance(spec, transfer.Port):
+        transfer.check_twin(spec, linen_model if api == "linen" else state, x)
+    relative = tolerances.get("layerwise")
     flax_out = _flax_outputs(api, linen_model, state, x)
+    with _eval_mode(torch_model):  # the Flax side runs in eval mode; nothing is updated
+        torch32 = _torch_outputs(torch_model, x)
+        torch64 = _torch_float64_outputs(torch_model, x)
+    absolute = tol or tolerances.get("eval.default")
     rename = spec.rename if isinstance(spec, transfer.Port) else {}
     out = []
-    for name, ref in _torch_outputs(torch_model, x):
-        flax_name = rename.get(name, name)
-        if flax_name not in flax_out:
-            continue  # ReLU/Dropout/Identity modules exist only on the torch side
-        ref = conventions.to_flax_input(ref)  # (N, C, H, W) -> (N, H, W, C); others as they are
-        got = flax_out[flax_name]
-        if got.shape != ref.shape:
-            out.append(LayerDiff(name, float("inf"), float(np.max(np.abs(ref))), False))
-            continue
-        d = diffs.tree_diff(got, ref)
-        out.append(LayerDiff(name, d.max_abs, d.scale, tol.holds(d.max_abs, d.scale)))
+    for name, calls in torch32.items():
+        got_calls = flax_out.get(rename.get(name, name))
+        if got_calls is None:
+            continue  # a ReLU, Dropout or container that exists only on the torch side
+        for call, (t32, got) in enumerate(zip(calls, got_calls, strict=False)):
+            t32 = conventions.to_flax_input(t32)  # (N, C, H, W) -> (N, H, W, C); others as they are
+            scale = float(np.max(np.abs(t32))) if t32.size else 0.0
+            if got.shape != t32.shape:
+                out.append(LayerDiff(name, float("inf"), scale, False, call=call, detail=f"shape {got.shape}"))
+                continue
+            diff = diffs.tree_diff(got, t32).max_abs
+            if isinstance(torch64, str):  # no float64 reference: the absolute bound
+                ok = absolute.holds(diff, scale)
+                out.append(LayerDiff(name, diff, scale, ok, call=call, bound=absolute.bound(scale), detail=torch64))
+                continue
+            t64 = conventions.to_flax_input(torch64[name][call])
+            own = float(np.max(np.abs(t32 - t64))) if t64.size else 0.0
+            err = float(np.max(np.abs(got - t64))) if t64.size else 0.0
+            bound = relative.bound(own, float(np.max(np.abs(t64))) if t64.size else 0.0)
+            out.append(LayerDiff(name, diff, scale, bool(np.isfinite(err) and err <= bound), call, err, own, bound))
     return out
+
+
+def format_report(layers: list[LayerDiff]) -> str:
+    """The divergence report as a text table, one row per layer (and call), the first
+    layer that is not ok marked with an arrow."""
+    first = next((i for i, d in enumerate(layers) if not d.ok), None)
+    rows = [("", "layer", "|flax - torch|", "port error", "torch's own", "bound", "ok")]
+    for i, d in enumerate(layers):
+        name = d.layer + (f" (call {d.call + 1})" if d.call else "")
+        cells = [d.max_abs_diff, d.port_error, d.torch_error, d.bound]
+        text = [f"{c:.2e}" if c is not None else "-" for c in cells]
+        rows.append(("->" if i == first else "", name, *text, "ok" if d.ok else "NOT OK"))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 def run(

@@ -4,7 +4,8 @@ A difference ``d`` between two results whose reference has magnitude ``scale`` (
 absolute value of the reference, normwise) passes when ``d <= atol + rtol * scale``, the
 rule of ``numpy.isclose`` applied to the whole array at once. Each entry says what was
 measured (CPU float32 unless stated; torch 2.13, jax 0.10.2, flax 0.12.8) so that a change
-of tolerance is a visible, reviewable decision.
+of tolerance is a visible, reviewable decision. The divergence report's entry is
+:class:`Relative`: a factor over the reference framework's own float32 error.
 """
 
 from __future__ import annotations
@@ -27,7 +28,27 @@ class Tolerance:
         return bool(math.isfinite(diff) and diff <= self.bound(scale))
 
 
-TOLERANCES: dict[str, Tolerance] = {
+@dataclasses.dataclass(frozen=True)
+class Relative:
+    """A port's error judged against the reference framework's own error at the same
+    place: both measured against the reference run in float64, a difference ``d`` whose
+    reference has error ``own`` and magnitude ``scale`` passes when
+    ``d <= factor * own + atol + rtol * scale``. The error of a correct float32 port grows
+    with depth exactly as the reference's own does, so the bound grows with it."""
+
+    factor: float
+    rtol: float
+    atol: float
+    measured: str
+
+    def bound(self, own: float, scale: float = 0.0) -> float:
+        return self.factor * own + self.atol + self.rtol * scale
+
+    def holds(self, diff: float, own: float, scale: float = 0.0) -> bool:
+        return bool(math.isfinite(diff) and diff <= self.bound(own, scale))
+
+
+TOLERANCES: dict[str, Tolerance | Relative] = {
     # eval mode, logits of the same weights (compare.checks.equivalence). The ResNets sum
     # thousands of products per output (3x3x512 convolutions) in another order in oneDNN
     # and XLA; the error grows with depth.
@@ -59,10 +80,21 @@ TOLERANCES: dict[str, Tolerance] = {
     "parallel.grads": Tolerance(1e-6, 1e-5, "1e-6 abs"),
     "parallel.stats": Tolerance(1e-6, 1e-6, "2e-7 abs"),
     "parallel.train": Tolerance(1e-6, 1e-5, "3e-7 abs after 5 steps"),
+    # the divergence report (compare.checks.equivalence.layerwise): a layer is flagged when the
+    # port's float32 error there (against torch in float64) is well above torch's own float32
+    # error; rtol is a floor of a few float32 roundings for layers where torch's error is ~0
+    "layerwise": Relative(
+        10.0,
+        1e-6,
+        1e-30,
+        "port error / torch's own float32 error per layer, linen, seeds 0-2, batch 4: at most 3.1 (mlp drop1), "
+        "2.9 (resnet18_cifar), 2.3 (resnet18), 1.7 (resnet50), 2.1 (resnet152 width 16, 370 layers), "
+        "1.5 (resnext50_32x4d); median 0.9 to 2.5",
+    ),
 }
 
 
-def get(name: str) -> Tolerance:
+def get(name: str) -> Tolerance | Relative:
     """The entry ``name``; ``eval.<model>`` falls back to ``eval.default``."""
     if name in TOLERANCES:
         return TOLERANCES[name]

@@ -5,10 +5,20 @@ the command line is ``python -m compare.convert``."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from compare import registry, transfer
 from compare.io import checkpoint
+
+
+@contextlib.contextmanager
+def _naming(path: Path):
+    """A TransferError raised inside names the file its input came from."""
+    try:
+        yield
+    except transfer.TransferError as e:
+        raise e.with_file(path) from None
 
 
 def flax_file_to_torch(src: Path, dst: Path, model: str | None = None, *, allow_nonfinite: bool = False) -> str:
@@ -19,8 +29,10 @@ def flax_file_to_torch(src: Path, dst: Path, model: str | None = None, *, allow_
     if model:  # the arrays must fit the named architecture, not only the header's label
         if model != spec.name:
             raise checkpoint.CheckpointError(f"{src}: holds a {spec.name!r}, not a {model!r} (the name in its header)")
-        transfer.flat_to_torch(flat, registry.get(model), allow_nonfinite=allow_nonfinite)
-    sd = transfer.flat_to_torch(flat, spec, allow_nonfinite=allow_nonfinite)
+    with _naming(src):
+        if model:
+            transfer.flat_to_torch(flat, registry.get(model), allow_nonfinite=allow_nonfinite)
+        sd = transfer.flat_to_torch(flat, spec, allow_nonfinite=allow_nonfinite)
     checkpoint.write_torch_state_dict(sd, dst)
     return f"converted Flax {spec.name} ({len(flat)} arrays) -> torch state_dict ({len(sd)} tensors): {dst}"
 
@@ -30,7 +42,8 @@ def torch_file_to_flax(src: Path, dst: Path, model: str, *, allow_nonfinite: boo
     one-line summary."""
     spec = registry.get(model)
     sd = checkpoint.read_torch_state_dict(src)
-    flat = transfer.torch_to_flat(sd, spec, allow_nonfinite=allow_nonfinite)
+    with _naming(src):
+        flat = transfer.torch_to_flat(sd, spec, allow_nonfinite=allow_nonfinite)
     checkpoint.write_flax(flat, spec, dst)
     n_params = sum(1 for k in flat if k.startswith("params/"))
     return (

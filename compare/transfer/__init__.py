@@ -1,9 +1,10 @@
 """Exact weight transfer between torch state_dicts, linen variables and nnx models.
 
-``rules`` holds the declarative weight map (``LAYER_RULES``) and the per-tensor plan of a
-registry model or of any network built from supported layers (``custom``);
-``validation`` lists every problem of an input at once; ``moves`` converts in every
-direction through one flat Flax form. All public names are here, as before 0.2.
+``rules`` holds the declarative weight map (``LAYER_RULES``, matched by state layout) and
+the per-tensor plan of a registry model or of any network built from supported layers
+(``custom``); ``flatten`` finds the Linear layers that read a flattened map; ``twin`` checks
+a hand-written Flax twin; ``validation`` lists every problem of an input at once; ``moves``
+converts in every direction through one flat Flax form. All public names are here.
 """
 
 from compare.transfer.moves import (
@@ -30,17 +31,22 @@ from compare.transfer.rules import (
     flax_expected,
     flax_template,
     plan,
+    rule_for,
+    supported_layers,
 )
-from compare.transfer.validation import PREFIXES, TransferError, strip_prefixes, validate
+from compare.transfer.twin import check_twin
+from compare.transfer.validation import PREFIXES, CustomPortError, TransferError, strip_prefixes, validate
 
 __all__ = [
     "LAYER_RULES",
     "NNX_SEED",
     "PREFIXES",
+    "CustomPortError",
     "FlatFlax",
     "Move",
     "Port",
     "TransferError",
+    "check_twin",
     "custom",
     "flat_into_nnx",
     "flat_to_linen",
@@ -54,7 +60,9 @@ __all__ = [
     "nnx_to_linen",
     "nnx_to_torch",
     "plan",
+    "rule_for",
     "strip_prefixes",
+    "supported_layers",
     "torch_to_flat",
     "torch_to_linen",
     "torch_to_nnx",

@@ -46,13 +46,16 @@ def torch_to_flat(
     spec = resolve(spec)
     sd = strip_prefixes(state_dict)
     moves = plan(spec)
-    expected = {m.torch_key: (m.torch_shape, "int" if m.is_count else "float") for m in moves}
+    expected = {m.torch_key: (m.torch_shape, "int" if m.is_count else "float") for m in moves if not m.flax_only}
     problems = validate(sd, expected, allow_nonfinite)
     if problems:
         raise TransferError(f"torch state_dict -> Flax '{spec.name}'", problems)
     flat = {}
     for m in moves:
         dtype = np.int32 if m.is_count else float_dtype
+        if m.flax_only:  # a frozen BatchNorm's counter: it never counted
+            flat[m.flax_key] = np.zeros((), np.int32)
+            continue
         # a copy: jnp.asarray may alias numpy memory on CPU, and numpy() aliases the tensor,
         # so without it a later in-place torch update would change the Flax weights too
         flat[m.flax_key] = np.array(m.to_flax(_numpy(sd[m.torch_key])), dtype=dtype, copy=True)
@@ -80,6 +83,8 @@ def flat_to_torch(
         raise TransferError(f"Flax variables -> torch '{spec.name}'", problems)
     sd = OrderedDict()
     for m in plan(spec):
+        if m.flax_only:
+            continue
         value = torch.from_numpy(np.array(m.to_torch(_numpy(flat[m.flax_key]))))
         if m.is_count:
             sd[m.torch_key] = value.to(torch.int64)
@@ -130,6 +135,11 @@ def flat_into_nnx(
     }
     problems = validate(flat, expected, allow_nonfinite)
     if problems:
+        from compare.transfer.twin import nnx_module_types, stock_batchnorms  # twin builds on this module
+
+        stock = stock_batchnorms("nnx", nnx_module_types(model))
+        counters = tuple(f"'batch_stats/{path.replace('.', '/')}/{_COUNT}'" for path in stock)
+        problems = [*stock.values(), *(p for p in problems if not any(c in p for c in counters))]
         raise TransferError(what, problems)
 
     def dtype(key, var):

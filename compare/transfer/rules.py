@@ -1,6 +1,13 @@
-"""The weight map: how each torch layer type's tensors move to Flax and back
-(``LAYER_RULES``), and the per-tensor plan of a model: a registry ``ModelSpec`` or any
-torch network built from supported layers (:func:`custom`)."""
+"""The weight map: how each torch layer's tensors move to Flax and back (``LAYER_RULES``),
+and the per-tensor plan of a model: a registry ``ModelSpec`` or any torch network built
+from supported layers (:func:`custom`).
+
+A layer's rule is found by its state layout, not by its exact type (:func:`rule_for`): a
+subclass of a supported layer takes its parent's rule, every ``_BatchNorm`` (``BatchNorm1d``,
+``BatchNorm2d``, ``SyncBatchNorm``, ...) the BatchNorm rule, and a *frozen* BatchNorm
+(torchvision's ``FrozenBatchNorm2d``: ``weight``, ``bias``, ``running_mean`` and
+``running_var`` as buffers, no counter) moves like a BatchNorm whose Flax counter is 0.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +24,8 @@ from torch import nn as tnn
 
 from compare import conventions
 from compare.registry import ModelSpec, get
+from compare.transfer import flatten as flatten_detection
+from compare.transfer.validation import CustomPortError
 from torchbn.config import CNNConfig
 
 FlatFlax = dict[str, np.ndarray]  # "params/fc1/kernel" -> array
@@ -24,21 +33,25 @@ FlatFlax = dict[str, np.ndarray]  # "params/fc1/kernel" -> array
 # overwritten, its Dropout stream starts from this seed (pass ``model`` to choose).
 NNX_SEED = 0
 _COUNT = "num_batches_tracked"
+Rule = dict[str, tuple[str, str, Callable, Callable]]  # torch name -> (collection, Flax name, to_flax, to_torch)
 
 
 def _same(a: np.ndarray) -> np.ndarray:
     return a
 
 
-# torch layer type -> {torch tensor name: (Flax collection, Flax name, to_flax, to_torch)}
-_BATCHNORM = {
+_BATCHNORM: Rule = {
     "weight": ("params", "scale", _same, _same),
     "bias": ("params", "bias", _same, _same),
     "running_mean": ("batch_stats", "mean", _same, _same),
     "running_var": ("batch_stats", "var", _same, _same),
     _COUNT: ("batch_stats", _COUNT, _same, _same),
 }
-LAYER_RULES: dict[type, dict[str, tuple[str, str, Callable, Callable]]] = {
+_NORM: Rule = {  # LayerNorm over the last axis, GroupNorm over channels: Flax's scale and bias
+    "weight": ("params", "scale", _same, _same),
+    "bias": ("params", "bias", _same, _same),
+}
+LAYER_RULES: dict[type, Rule] = {
     tnn.Linear: {
         "weight": ("params", "kernel", conventions.linear_to_dense, conventions.dense_to_linear),
         "bias": ("params", "bias", _same, _same),
@@ -53,18 +66,53 @@ LAYER_RULES: dict[type, dict[str, tuple[str, str, Callable, Callable]]] = {
     },
     tnn.BatchNorm1d: _BATCHNORM,
     tnn.BatchNorm2d: _BATCHNORM,
+    tnn.LayerNorm: _NORM,
+    tnn.GroupNorm: _NORM,
 }
+_FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _is_frozen_batchnorm(module: tnn.Module) -> bool:
+    """torchvision's ``FrozenBatchNorm2d`` and its kind: the four BatchNorm tensors as
+    buffers of one length, no parameters, no counter."""
+    own = dict(module.named_buffers(recurse=False))
+    if next(module.parameters(recurse=False), None) is not None or sorted(own) != sorted(_FROZEN_BUFFERS):
+        return False
+    return len({tuple(t.shape) for t in own.values()}) == 1 and own["weight"].dim() == 1
+
+
+def rule_for(module: tnn.Module) -> tuple[Rule | None, str | None]:
+    """The rule of ``module`` (None for a layer without one) and why a layer with tensors
+    has none, or is refused although its type has a rule."""
+    if isinstance(module, tnn.LayerNorm) and len(module.normalized_shape) > 1:
+        return None, f"LayerNorm over {tuple(module.normalized_shape)}: only a normalised last axis ports"
+    for kind in type(module).__mro__:  # the type itself, then its parents: subclasses port
+        if kind in LAYER_RULES:
+            return LAYER_RULES[kind], None
+    if isinstance(module, tnn.modules.batchnorm._BatchNorm):  # SyncBatchNorm, BatchNorm3d, ...
+        return _BATCHNORM, None
+    if _is_frozen_batchnorm(module):
+        return {k: _BATCHNORM[k] for k in _FROZEN_BUFFERS}, None
+    return None, None
+
+
+def supported_layers() -> str:
+    """The layers with a rule, for error messages."""
+    kinds = ", ".join(k.__name__ for k in LAYER_RULES)
+    return f"{kinds}, their subclasses, SyncBatchNorm and frozen BatchNorm modules, and any layer without tensors"
 
 
 @dataclasses.dataclass(frozen=True)
 class Move:
-    """How one torch tensor moves to Flax and back."""
+    """How one torch tensor moves to Flax and back. ``flax_only``: a Flax counter with no
+    torch tensor (a frozen BatchNorm's), 0 on the way in, dropped on the way back."""
 
     torch_key: str
     flax_key: str
     torch_shape: tuple[int, ...]
     to_flax: Callable[[np.ndarray], np.ndarray]
     to_torch: Callable[[np.ndarray], np.ndarray]
+    flax_only: bool = False
 
     @property
     def is_count(self) -> bool:
@@ -73,32 +121,76 @@ class Move:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Port:
-    """Any torch network built from supported layers (``LAYER_RULES``: Linear, Conv1d,
-    Conv2d with groups, BatchNorm1d/2d, and layers without parameters) and a Flax twin
-    with the same layer names, or with ``rename`` (torch module path -> Flax module path,
-    dots for nesting). ``flatten`` names each Linear that reads a flattened (C, H, W) map,
-    whose input features are permuted, (C, H, W) <-> (H, W, C). Use it wherever the
-    transfer functions take a spec; build it with :func:`custom`."""
+    """Any torch network built from supported layers (:func:`rule_for`; layers without
+    tensors need no rule) and a Flax twin with the same layer names, or with ``rename``
+    (torch module path -> Flax module path, dots for nesting). ``flatten`` names each Linear
+    that reads a flattened (C, H, W) map: its input features are permuted, (C, H, W) <->
+    (H, W, C), for a twin that flattens channels-last; ``None`` says the twin flattens in
+    torch's order. Use it wherever the transfer functions take a spec; build it with
+    :func:`custom`, which checks all of this."""
 
     torch_model: tnn.Module
-    flatten: Mapping[str, tuple[int, int, int]]
+    flatten: Mapping[str, tuple[int, int, int] | None]
     rename: Mapping[str, str]
     name: str = "custom"
+
+
+def _unsupported(model: tnn.Module) -> list[str]:
+    """Every module with tensors of its own and no rule, with its path, type and tensors."""
+    problems = []
+    for path, module in model.named_modules():
+        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        if not own:
+            continue
+        rule, reason = rule_for(module)
+        if rule is None:
+            names = ", ".join(name for name, _ in own)
+            problems.append(f"'{path}' ({type(module).__name__}, tensors {names}): {reason or 'no transfer rule'}")
+        else:
+            extra = [name for name, _ in own if name not in rule]
+            if extra:
+                problems.append(f"'{path}' ({type(module).__name__}): no rule for its tensor(s) {', '.join(extra)}")
+    return problems
 
 
 def custom(
     torch_model: tnn.Module,
     *,
-    flatten: Mapping[str, tuple[int, int, int]] | None = None,
+    flatten: Mapping[str, tuple[int, int, int] | None] | None = None,
     rename: Mapping[str, str] | None = None,
     name: str = "custom",
+    example_input: np.ndarray | torch.Tensor | None = None,
 ) -> Port:
-    """The transfer spec of a network that is not in the registry (see :class:`Port`)."""
+    """The transfer spec of a network that is not in the registry (see :class:`Port`).
+
+    Checked before anything is built, every problem listed in one
+    :class:`~compare.transfer.CustomPortError`: paths that name no module, layers without
+    a rule (with the supported set), and ``flatten``: each entry must name a Linear whose
+    ``in_features`` is C*H*W, and each Linear that reads a flattened feature map (found by
+    tracing the network with ``torch.fx``) must have an entry. With ``example_input`` (one
+    batch in torch's layout) the traced shapes give the exact (C, H, W) to compare with;
+    without it, a Linear after a global pooling needs no entry and any other flattened read
+    must be declared. A network that ``torch.fx`` cannot trace gets a warning: its
+    ``flatten`` is then checked for shape only.
+    """
+    flatten, rename = dict(flatten or {}), dict(rename or {})
     modules = dict(torch_model.named_modules())
-    unknown = [p for p in [*(flatten or {}), *(rename or {})] if p not in modules]
-    if unknown:
-        raise KeyError(f"no module {', '.join(map(repr, unknown))} in {type(torch_model).__name__}")
-    return Port(torch_model, dict(flatten or {}), dict(rename or {}), name)
+    problems = [
+        f"no module '{p}' in {type(torch_model).__name__} (named in flatten=)" for p in flatten if p not in modules
+    ]
+    problems += [
+        f"no module '{p}' in {type(torch_model).__name__} (named in rename=)" for p in rename if p not in modules
+    ]
+    unsupported = _unsupported(torch_model)
+    problems += unsupported
+    for path, chw in flatten.items():
+        if path in modules:
+            problems += flatten_detection.entry_problems(path, modules[path], chw)
+    problems += flatten_detection.graph_problems(torch_model, flatten, example_input)
+    if problems:
+        hint = f"supported: {supported_layers()}" if unsupported else None
+        raise CustomPortError(f"transfer.custom({type(torch_model).__name__}, name='{name}')", problems, hint=hint)
+    return Port(torch_model, flatten, rename, name)
 
 
 def resolve(spec: ModelSpec | Port | str) -> ModelSpec | Port:
@@ -106,10 +198,10 @@ def resolve(spec: ModelSpec | Port | str) -> ModelSpec | Port:
     return spec if isinstance(spec, Port) else get(spec)
 
 
-def _flattened_inputs(spec: ModelSpec | Port) -> dict[str, tuple[int, int, int]]:
+def _flattened_inputs(spec: ModelSpec | Port) -> Mapping[str, tuple[int, int, int] | None]:
     """Linear layers that read a flattened (C, H, W) feature map with H*W > 1."""
     if isinstance(spec, Port):
-        return dict(spec.flatten)
+        return spec.flatten
     if isinstance(spec.config, CNNConfig):
         return {"fc": spec.config.flatten_shape}
     return {}  # ResNet flattens after global pooling: (C, 1, 1), nothing to permute
@@ -117,37 +209,50 @@ def _flattened_inputs(spec: ModelSpec | Port) -> dict[str, tuple[int, int, int]]
 
 @functools.lru_cache(maxsize=32)
 def plan(spec: ModelSpec | Port) -> tuple[Move, ...]:
-    """Every torch state_dict entry of ``spec`` with its Flax key and layout changes,
-    in state_dict order. A module with parameters but no rule is an error that names its
-    path and type."""
+    """Every torch state_dict entry of ``spec`` with its Flax key and layout changes, in
+    state_dict order (a frozen BatchNorm's Flax-only counter after its layer's tensors). A
+    module with tensors but no rule is a :class:`~compare.transfer.CustomPortError` that
+    names its path and type."""
     if isinstance(spec, Port):
         model = spec.torch_model
     else:
         with torch.device("meta"):
             model = spec.build_torch()
+    unsupported = _unsupported(model)
+    if unsupported:
+        raise CustomPortError(
+            f"no transfer rule in '{spec.name}'", unsupported, hint=f"supported: {supported_layers()}"
+        )
     rename = spec.rename if isinstance(spec, Port) else {}
     flattened = _flattened_inputs(spec)
-    moves, uncovered = [], []
+    order = {key: i for i, key in enumerate(model.state_dict())}
+    moves = []
     for path, module in model.named_modules():
-        rules = next((r for kind, r in LAYER_RULES.items() if type(module) is kind), {})
+        rule, _ = rule_for(module)
         own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-        for name, tensor in own:
-            key = f"{path}.{name}" if path else name
-            if name not in rules:
-                uncovered.append(f"{key} ({type(module).__name__})")
-                continue
-            collection, flax_name, to_flax, to_torch = rules[name]
-            if path in flattened and name == "weight":
+        if rule is None or not own:
+            continue
+        flax_path = rename.get(path, path).split(".") if path else []
+        for tensor_name, tensor in own:
+            collection, flax_name, to_flax, to_torch = rule[tensor_name]
+            if flattened.get(path) and tensor_name == "weight":
                 chw = flattened[path]
                 to_flax = functools.partial(conventions.flattened_linear_to_dense, chw=chw)
                 to_torch = functools.partial(conventions.dense_to_flattened_linear, chw=chw)
-            flax_key = "/".join([collection, *rename.get(path, path).split("."), flax_name])
-            moves.append(Move(key, flax_key, tuple(tensor.shape), to_flax, to_torch))
-    if uncovered:
-        rules = ", ".join(kind.__name__ for kind in LAYER_RULES)
-        raise NotImplementedError(f"no transfer rule for: {', '.join(uncovered)} (rules exist for {rules})")
-    order = list(model.state_dict())
-    return tuple(sorted(moves, key=lambda m: order.index(m.torch_key)))
+            key = f"{path}.{tensor_name}" if path else tensor_name
+            moves.append(
+                Move(key, "/".join([collection, *flax_path, flax_name]), tuple(tensor.shape), to_flax, to_torch)
+            )
+        if _COUNT not in rule and "running_mean" in dict(own):  # a frozen BatchNorm: Flax keeps a counter
+            key = f"{path}.{_COUNT}" if path else _COUNT
+            moves.append(Move(key, "/".join(["batch_stats", *flax_path, _COUNT]), (), _same, _same, flax_only=True))
+    last = {}  # a Flax-only counter sorts right after its layer's last tensor
+    for m in moves:
+        if not m.flax_only:
+            last[m.torch_key.rsplit(".", 1)[0]] = order[m.torch_key]
+    return tuple(
+        sorted(moves, key=lambda m: last[m.torch_key.rsplit(".", 1)[0]] + 0.5 if m.flax_only else order[m.torch_key])
+    )
 
 
 @functools.lru_cache(maxsize=32)

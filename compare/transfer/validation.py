@@ -14,12 +14,27 @@ PREFIXES = ("_orig_mod.", "module.")
 
 
 class TransferError(ValueError):
-    """A transfer input that does not fit the model. ``problems`` lists every one."""
+    """A transfer input that does not fit the model. ``problems`` lists every one, each
+    naming the layer or key; ``file`` is the file the input came from, when there is one."""
 
-    def __init__(self, what: str, problems: list[str]):
-        self.what, self.problems = what, problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{what}: {len(problems)} problem(s), nothing was loaded:\n{lines}")
+    def __init__(self, what: str, problems: list[str], file: str | None = None, hint: str | None = None):
+        self.what, self.problems, self.file, self.hint = what, list(problems), None if file is None else str(file), hint
+        lines = "\n".join(f"  - {p}" for p in self.problems) + (f"\n  {hint}" if hint else "")
+        where = f"{self.file}: " if self.file else ""
+        super().__init__(f"{where}{what}: {len(self.problems)} problem(s), nothing was loaded:\n{lines}")
+
+    def with_file(self, file) -> TransferError:
+        """The same error, naming the file its input came from."""
+        return type(self)(self.what, self.problems, file, self.hint)
+
+
+class CustomPortError(TransferError, KeyError, NotImplementedError):
+    """A network that :func:`compare.transfer.custom` cannot port as described: paths that
+    name no module, layers without a rule, a wrong or missing ``flatten=``, a Flax twin of
+    the wrong kind. A :class:`TransferError`; also a ``KeyError`` and a
+    ``NotImplementedError``, which 0.2 raised for these."""
+
+    __str__ = ValueError.__str__  # KeyError would print the message's repr
 
 
 def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
