@@ -3,8 +3,8 @@ imports inside functions), so that a violation fails here and not in a user's in
 
 * ``torchbn`` imports torch and numpy, never jax/flax/optax; ``flaxbn`` never imports
   torch; neither imports the other or ``compare``.
-* Inside ``compare`` imports point one way: the bridge (``conventions``, ``registry``,
-  ``transfer``, ``masks``, ``optimizers``, ``records``) <- ``io`` (files and the limits on
+* Inside ``compare`` imports point one way: the bridge (``conventions``, ``registry``, ``suite``,
+  ``transfer``, ``port``, ``masks``, ``optimizers``, ``records``) <- ``io`` (files and the limits on
   untrusted input) <- ``checks``, ``bench``, ``experiments`` (each may use the bridge, ``io``
   and its own folder) <- ``report`` <- the command lines (``run``, ``convert``).
 * No folder holds more than 8 modules, and no module is longer than 400 lines.
@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torchbn", "flaxbn", "compare")
-BRIDGE = {"conventions", "registry", "transfer", "masks", "optimizers", "records"}
+BRIDGE = {"conventions", "registry", "transfer", "port", "masks", "optimizers", "records", "suite"}
 MIDDLE = {"io", "checks", "bench", "experiments"}
 CLI = {"run", "convert"}
 

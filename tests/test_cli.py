@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from compare import run
-from compare.checks import tolerances
+from compare.checks import suites, tolerances
 
 META_FIELDS = {"python", "numpy", "torch", "jax", "jaxlib", "flax", "optax", "device", "device_name", "date", "command"}
 EQUIVALENCE_FIELDS = {"model", "flax_api", "mode", "dtype", "max_abs_diff", "max_rel_diff", "tol", "ok"}
@@ -29,7 +29,7 @@ def test_equivalence_suite_writes_an_ok_record_per_model_and_api_and_exits_zero(
 
 
 def test_a_failing_check_makes_the_exit_status_non_zero_and_the_report_shows_the_layer(tmp_path, monkeypatch):
-    monkeypatch.setattr(run, "QUICK_MODELS", ["mlp"])
+    monkeypatch.setattr(suites, "QUICK_MODELS", ["mlp"])
     monkeypatch.setitem(tolerances.TOLERANCES, "eval.mlp", tolerances.Tolerance(0.0, 0.0, "none: every check fails"))
     assert run.main(["--suite", "equivalence", "--device", "cpu", "--out", str(tmp_path)]) == 1
     report = (tmp_path / "report.md").read_text()

@@ -42,9 +42,7 @@ def _md_table(columns: tuple[str, ...], rows: list[dict]) -> list[str]:
     return lines
 
 
-def _equivalence_md(records: list[dict], out: Path | None) -> list[str]:
-    evals = [r for r in records if r["mode"] == "eval"]
-    trains = [r for r in records if r["mode"] == "train"]
+def _equivalence_md(evals: list[dict], trains: list[dict], out: Path | None) -> list[str]:
     lines = []
     if evals:
         lines += [
@@ -60,7 +58,12 @@ def _equivalence_md(records: list[dict], out: Path | None) -> list[str]:
                 lines += [
                     f"### {r['model']} / {r['flax_api']}: first divergence at `{r['first_divergence']}`",
                     "",
-                    *_md_table(("layer", "max_abs_diff", "scale", "ok"), r["layers"]),
+                    "Each layer's error against torch in float64, beside torch's own float32 error there;",
+                    "a layer is not ok when its error is above the bound (10x torch's own).",
+                    "",
+                    *_md_table(
+                        ("layer", "call", "max_abs_diff", "port_error", "torch_error", "bound", "ok"), r["layers"]
+                    ),
                     "",
                 ]
     if trains:
@@ -236,8 +239,8 @@ def render(results: dict[str, Any], out: Path | None = None) -> str:
     ]
     if meta.get("stopped"):
         lines += [f"**Stopped early** ({meta['stopped']}): what finished before the stop is below.", ""]
-    if "equivalence" in results:
-        lines += _equivalence_md(results["equivalence"], out)
+    if "equivalence" in results or "train_equivalence" in results:
+        lines += _equivalence_md(results.get("equivalence", []), results.get("train_equivalence", []), out)
     if "bench" in results:
         lines += _bench_md(results, out)
     if "train" in results:

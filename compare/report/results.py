@@ -153,15 +153,38 @@ def failures(results: dict[str, Any]) -> list[dict]:
     return [r for key, recs in results.items() if key != "meta" for r in recs if r.get("ok") is False]
 
 
+def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A results object of an older schema in today's form: before schema 3 the spec
+    suite's train-mode records sat in ``equivalence`` (``mode == "train"``); they have
+    their own list, ``train_equivalence``, now."""
+    trains = [r for r in data.get("equivalence", []) if isinstance(r, dict) and r.get("mode") == "train"]
+    if trains:
+        data["equivalence"] = [r for r in data["equivalence"] if not (isinstance(r, dict) and r.get("mode") == "train")]
+        data["train_equivalence"] = [*data.get("train_equivalence", []), *trains]
+        if not data["equivalence"]:
+            del data["equivalence"]
+    return data
+
+
 def load(path: Path) -> dict[str, Any]:
-    """A results.json written by :func:`write` (for ``--resume``)."""
+    """A results.json written by :func:`write` (for ``--resume`` and the reports), in
+    today's form (:func:`upgrade`)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot resume from it ({e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("meta"), dict):
         raise ValueError(f"{path}: cannot resume from it (not a results.json object with a 'meta')")
-    return data
+    return upgrade(data)
+
+
+def resumed(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The results in ``folder`` to continue, under this run's ``meta``: the old meta's
+    entries stay (suites done, settings) unless this run sets them, and whether it
+    stopped is for this run to say."""
+    old = load(Path(folder) / "results.json")
+    old_meta = {k: v for k, v in old["meta"].items() if k != "stopped"}
+    return {**old, "meta": {**old_meta, **meta, "resumed_from": str(folder)}}
 
 
 class Results:
