@@ -53,7 +53,17 @@ DEPRECATED_MODULES: dict[str, tuple[str, ...]] = {
     "compare.data": ("compare.experiments.data",),
     "compare.training": ("compare.experiments.training", "compare.experiments.claims"),
     "compare.results": ("compare.report.results",),
-    "compare.plots": ("compare.report.plots",),
+    "compare.plots": (
+        "compare.report.figures.bench",
+        "compare.report.figures.equivalence",
+        "compare.report.figures.training",
+    ),
+    "compare.report.plots": (
+        "compare.report.figures.bench",
+        "compare.report.figures.equivalence",
+        "compare.report.figures.training",
+    ),
+    "compare.report.claim_plots": ("compare.report.figures.claims",),
 }
 
 

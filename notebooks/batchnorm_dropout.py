@@ -257,16 +257,18 @@ for api in ("linen", "nnx"):
 # is one of its experiments, smaller: the overfitting regime (300 digits, 30% of their
 # labels wrong, 100 epochs; the network without Dropout must reach 100% training accuracy
 # while its test loss rises, or the verdict is "inconclusive"), three seeds. The figure is
-# drawn by the same helper as `report.md`.
+# drawn by the same helper as `report.md`, into a temporary folder (the notebook writes
+# nothing where it runs).
 
 # %%
 import dataclasses  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from IPython.display import Image, display  # noqa: E402
 
 from compare.experiments import claims, data, training  # noqa: E402
-from compare.report import claim_plots  # noqa: E402
+from compare.report.figures import claims as claim_plots  # noqa: E402
 
 digits = data.load("digits")
 plan = dataclasses.replace(claims.PLANS["quick"], seeds=(0, 1, 2), second_seeds=(0, 1, 2))
@@ -278,7 +280,7 @@ for v in verdicts:
         f"{v['statement']} ({v['framework']}): {v['verdict']}, effect {v['effect']:.3f} "
         f"[{v['ci_low']:.3f}, {v['ci_high']:.3f}], minimum {v['min_effect']}, regime ok: {v['regime_ok']}"
     )
-figures = claim_plots.draw_all(records, verdicts, Path("."))
+figures = claim_plots.draw_all(records, verdicts, Path(tempfile.mkdtemp(prefix="bn-dropout-figures-")))
 display(Image(str(figures["dropout_reduces_overfitting"])))
 
 # %% [markdown]

@@ -120,7 +120,7 @@ def test_frameworks_that_reach_different_verdicts_are_marked_as_disagreeing():
 
 
 def test_every_claim_of_the_lesson_has_a_spec_and_a_figure():
-    from compare.report import claim_plots
+    from compare.report.figures import claims as claim_plots
 
     assert set(claims.SPEC) == set(claim_plots.DRAW)
     assert len(claims.SPECS) == 12 and all(s.min_effect > 0 for s in claims.SPECS)
@@ -147,7 +147,8 @@ def test_a_tiny_plan_gives_every_claim_a_verdict_in_both_frameworks_a_report_and
     import dataclasses
 
     from compare.experiments import data, training
-    from compare.report import claim_plots, lesson
+    from compare.report import lesson
+    from compare.report.figures import claims as claim_plots
 
     ds = data.load("digits")
     ds = data.Dataset(ds.name, ds.x_train[:256], ds.y_train[:256], ds.x_test[:256], ds.y_test[:256], 10)

@@ -11,7 +11,7 @@ import numpy as np
 
 from compare.experiments.claims import select, unstable
 from compare.experiments.design import ABLATED_FRACTION, SPEC, STABLE_ACCURACY
-from compare.report.plots import _save, plt
+from compare.report.figures.style import plt, save
 
 STYLE = {"torch": "-", "linen": "--"}
 
@@ -273,9 +273,9 @@ def draw_all(records: list[dict], claims: list[dict], out: Path) -> dict[str, Pa
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0] and ax.get_legend() is None:
             ax.legend(fontsize=6)
-        drawn[claim] = _save(fig, out / path_of(claim))
+        drawn[claim] = save(fig, out / path_of(claim))
     if claims:
         fig, ax = plt.subplots(figsize=(7, 0.35 * len({c["claim"] for c in claims}) + 1.5))
         intervals(claims, ax)
-        drawn["intervals"] = _save(fig, out / "claims_intervals.png")
+        drawn["intervals"] = save(fig, out / "claims_intervals.png")
     return drawn
