@@ -96,9 +96,6 @@ def dense_to_flattened_linear(k: np.ndarray, chw: tuple[int, int, int]) -> np.nd
     return np.ascontiguousarray(w.reshape(out, c * h * w_))
 
 
-_FLAX_TWIN = {tcfg.MLPConfig: fcfg.MLPConfig, tcfg.CNNConfig: fcfg.CNNConfig, tcfg.ResNetConfig: fcfg.ResNetConfig}
-
-
 def flax_config(cfg: tcfg.ModelConfig, bn_semantics: str = "flax", compute_dtype: str = "float32") -> fcfg.ModelConfig:
     """The Flax twin of a torch configuration: same fields, momentum in Flax's direction.
 
@@ -109,14 +106,13 @@ def flax_config(cfg: tcfg.ModelConfig, bn_semantics: str = "flax", compute_dtype
         fields["bn_momentum"] = None
     else:
         fields["bn_momentum"] = torch_to_flax_momentum(cfg.bn_momentum)
-    return _FLAX_TWIN[type(cfg)](**fields, bn_semantics=bn_semantics, compute_dtype=compute_dtype)
+    return fcfg.twin(type(cfg))(**fields, bn_semantics=bn_semantics, compute_dtype=compute_dtype)
 
 
 def torch_config(cfg: fcfg.ModelConfig) -> tcfg.ModelConfig:
     """The torch twin of a Flax configuration (``bn_semantics`` and ``compute_dtype`` have
     no torch field: torch picks mixed precision with autocast at the call site)."""
-    fields = dataclasses.asdict(cfg)
-    del fields["bn_semantics"], fields["compute_dtype"], fields["bn_axis_name"], fields["bn_variance"]
+    flax_only = {f.name for f in dataclasses.fields(fcfg.FlaxSettings)} - {"bn_momentum"}
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in flax_only}
     fields["bn_momentum"] = None if cfg.bn_momentum is None else flax_to_torch_momentum(cfg.bn_momentum)
-    twin = {v: k for k, v in _FLAX_TWIN.items()}
-    return twin[type(cfg)](**fields)
+    return tcfg.KINDS[type(cfg).__name__](**fields)

@@ -58,7 +58,7 @@ class ModelSpec:
     def replace(self, **fields) -> ModelSpec:
         """The same architecture with some config fields changed (input shape follows)."""
         cfg = dataclasses.replace(self.config, **fields)
-        return ModelSpec(self.name, cfg, _input_shape(cfg, self.input_shape))
+        return ModelSpec(self.name, cfg, cfg.sample_shape(self.input_shape))
 
     def build_torch(self) -> tnn.Module:
         return torchbn.build(self.config)
@@ -72,14 +72,6 @@ class ModelSpec:
         """The nnx model; ``rngs`` seeds its parameters and its Dropout streams (``dropout``,
         else ``default``)."""
         return nnx_models.build(self.flax_config_with(bn_semantics, compute_dtype, **fields), rngs=rngs)
-
-
-def _input_shape(cfg: ModelConfig, old: tuple[int, ...]) -> tuple[int, ...]:
-    if isinstance(cfg, MLPConfig):
-        return (cfg.in_features,)
-    if isinstance(cfg, CNNConfig):
-        return (cfg.in_channels, cfg.image_size, cfg.image_size)
-    return (cfg.in_channels, *old[1:])
 
 
 _SPECS = {

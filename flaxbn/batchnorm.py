@@ -38,6 +38,7 @@ layers take ``variance`` too.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -98,7 +99,7 @@ def _flax_running_update(mean, var, batch_mean, batch_var, momentum: float):
 def _linen_variables(module: nn.Module, features: int, track_running_stats: bool):
     """(scale, bias, mean, var, count) of a linen BatchNorm here, named as nn.BatchNorm names
     them, plus the counter; the statistics are None without ``track_running_stats``."""
-    scale = module.param("scale", nn.initializers.ones, (features,)) if module.use_scale else None
+    scale = module.param("scale", module.scale_init, (features,)) if module.use_scale else None
     bias = module.param("bias", nn.initializers.zeros, (features,)) if module.use_bias else None
     if not track_running_stats:
         return scale, bias, None, None, None
@@ -186,6 +187,7 @@ class LinenTorchBatchNorm(nn.Module):
     use_bias: bool = True
     track_running_stats: bool = True
     variance: str = "two_pass"
+    scale_init: Callable = nn.initializers.ones  # zeros: a residual block that starts as the identity
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
@@ -279,6 +281,7 @@ class LinenOnePassBatchNorm(nn.Module):
     use_scale: bool = True
     use_bias: bool = True
     axis_name: str | None = None
+    scale_init: Callable = nn.initializers.ones
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:

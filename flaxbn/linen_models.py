@@ -39,14 +39,18 @@ def _dtype(cfg: ModelConfig) -> jnp.dtype | None:
     return jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None
 
 
-def _batch_norm(cfg: ModelConfig, *, train: bool, name: str) -> nn.Module:
-    """Normalises the last axis (features or channels, NHWC); statistics stay float32."""
+def _batch_norm(cfg: ModelConfig, *, train: bool, name: str, zero_scale: bool = False) -> nn.Module:
+    """Normalises the last axis (features or channels, NHWC); statistics stay float32.
+    ``zero_scale``: the scale starts at 0 (a residual block's last BatchNorm under
+    ``zero_init_residual``)."""
+    scale_init = nn.initializers.zeros if zero_scale else nn.initializers.ones
     if cfg.bn_semantics == "torch":
         return LinenTorchBatchNorm(
             use_running_average=not train,
             momentum=cfg.bn_momentum,
             epsilon=cfg.bn_eps,
             variance=cfg.bn_variance,
+            scale_init=scale_init,
             name=name,
         )
     if cfg.bn_variance == "shifted":
@@ -56,6 +60,7 @@ def _batch_norm(cfg: ModelConfig, *, train: bool, name: str) -> nn.Module:
             epsilon=cfg.bn_eps,
             axis_name=cfg.bn_axis_name,
             dtype=_dtype(cfg),
+            scale_init=scale_init,
             name=name,
         )
     return LinenBatchNorm(
@@ -65,6 +70,7 @@ def _batch_norm(cfg: ModelConfig, *, train: bool, name: str) -> nn.Module:
         use_fast_variance=False,  # two-pass variance, as torch computes it
         axis_name=cfg.bn_axis_name,  # None: per-device statistics
         dtype=_dtype(cfg),  # statistics stay float32 (force_float32_reductions)
+        scale_init=scale_init,
         name=name,
     )
 
@@ -178,7 +184,8 @@ class BasicBlock(nn.Module):
         out = _conv(cfg, features, kernel=3, stride=self.stride, padding=1, name="conv1")(x)
         out = nn.relu(_batch_norm(cfg, train=train, name="bn1")(out))
         out = _conv(cfg, features, kernel=3, padding=1, name="conv2")(out)
-        return nn.relu(_batch_norm(cfg, train=train, name="bn2")(out) + identity)
+        zero = cfg.zero_init_residual
+        return nn.relu(_batch_norm(cfg, train=train, name="bn2", zero_scale=zero)(out) + identity)
 
 
 class Bottleneck(nn.Module):
@@ -201,7 +208,8 @@ class Bottleneck(nn.Module):
         out = _conv(cfg, width, kernel=3, stride=self.stride, padding=1, groups=cfg.groups, name="conv2")(out)
         out = nn.relu(_batch_norm(cfg, train=train, name="bn2")(out))
         out = _conv(cfg, c_out, kernel=1, padding=0, name="conv3")(out)
-        return nn.relu(_batch_norm(cfg, train=train, name="bn3")(out) + identity)
+        zero = cfg.zero_init_residual
+        return nn.relu(_batch_norm(cfg, train=train, name="bn3", zero_scale=zero)(out) + identity)
 
 
 class Stage(nn.Module):

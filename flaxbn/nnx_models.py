@@ -153,7 +153,7 @@ class CNN(nnx.Module):
             if cfg.use_bn:
                 setattr(self, f"bn{i}", _batch_norm(cfg, c_out, rngs=rngs))
             setattr(self, f"drop{i}", _dropout(cfg.dropout2d, channelwise=True, rngs=rngs))
-        h, w, c = cfg.flatten_shape
+        c, h, w = cfg.flatten_shape
         self.fc = _linear(cfg, h * w * c, cfg.hidden, rngs=rngs)
         if cfg.use_bn:
             self.fc_bn = _batch_norm(cfg, cfg.hidden, rngs=rngs)
@@ -237,6 +237,11 @@ class ResNet(nnx.Module):
             c_in = planes * cfg.expansion
         self.dropout = _dropout(cfg.dropout, rngs=rngs)
         self.fc = _linear(cfg, c_in, cfg.num_classes, rngs=rngs)
+        if cfg.zero_init_residual:  # as torchvision: every block starts as the identity
+            for i in range(1, len(cfg.layers) + 1):
+                for block in getattr(self, f"layer{i}"):
+                    last = block.bn3 if cfg.block == "bottleneck" else block.bn2
+                    last.scale.value = jnp.zeros_like(last.scale.value)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(N, H, W, C) -> (N, num_classes) logits."""

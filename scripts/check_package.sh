@@ -34,14 +34,14 @@ from pathlib import Path
 
 repo = Path(sys.argv[1]).resolve()
 names = []
-for top in ("torchbn", "flaxbn", "compare"):
+for top in ("bnconfig", "torchbn", "flaxbn", "compare"):
     pkg = importlib.import_module(top)
     assert repo not in Path(pkg.__file__).resolve().parents, f"{top} was imported from the checkout"
     names.append(top)
     for info in pkgutil.walk_packages(pkg.__path__, prefix=f"{top}."):
         importlib.import_module(info.name)
         names.append(info.name)
-expected = {"compare.io", "compare.checks", "compare.bench", "compare.experiments", "compare.report", "flaxbn.parallel"}
+expected = {"compare.io", "compare.checks", "compare.bench", "compare.experiments", "compare.report", "compare.report.figures", "flaxbn.parallel"}
 missing = expected - set(names)
 assert not missing, f"not in the wheel: {sorted(missing)}"
 import compare, flaxbn, torchbn

@@ -1,7 +1,8 @@
 """The package rules of DESIGN.md, checked over every import of every module (including
 imports inside functions), so that a violation fails here and not in a user's install.
 
-* ``torchbn`` imports torch and numpy, never jax/flax/optax; ``flaxbn`` never imports
+* ``bnconfig`` (the model configurations both sides share) imports the standard library
+  only; ``torchbn`` imports torch and numpy, never jax/flax/optax; ``flaxbn`` never imports
   torch; neither imports the other or ``compare``.
 * Inside ``compare`` imports point one way: the bridge (``conventions``, ``registry``, ``suite``,
   ``transfer``, ``port``, ``masks``, ``optimizers``, ``records``) <- ``io`` (files and the limits on
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("torchbn", "flaxbn", "compare")
+PACKAGES = ("bnconfig", "torchbn", "flaxbn", "compare")
 BRIDGE = {"conventions", "registry", "transfer", "port", "masks", "optimizers", "records", "suite"}
 MIDDLE = {"io", "checks", "bench", "experiments"}
 CLI = {"run", "convert"}
@@ -71,6 +72,14 @@ def test_every_module_is_found_and_parsed():
         MODULES
     )
     assert all(_imports(name, path) is not None for name, path in MODULES.items())
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if m.startswith("bnconfig")])
+def test_bnconfig_imports_the_standard_library_only(module):
+    import sys
+
+    bad = {i for i in _imports(module, MODULES[module]) if i.split(".")[0] not in sys.stdlib_module_names}
+    assert not bad, f"{module} imports {sorted(bad)}"
 
 
 @pytest.mark.parametrize("module", [m for m in MODULES if m.startswith("torchbn")])

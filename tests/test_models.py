@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
 import torch
 from flax import nnx
 
+import bnconfig
 import flaxbn.config as fcfg
 import torchbn.config as tcfg
 from compare import conventions, registry, transfer
@@ -210,6 +213,50 @@ def test_flax_config_is_the_torch_config_with_momentum_reversed():
     cfg = conventions.flax_config(tcfg.ResNetConfig(bn_momentum=0.1, dropout=0.2))
     assert cfg == fcfg.ResNetConfig(bn_momentum=0.9, dropout=0.2)
     assert conventions.torch_config(cfg) == tcfg.ResNetConfig(bn_momentum=0.1, dropout=0.2)
+
+
+@pytest.mark.parametrize("kind", sorted(bnconfig.KINDS))
+def test_every_flax_configuration_is_the_shared_one_plus_the_flax_settings_only(kind):
+    """One definition of each architecture's fields and checks (``bnconfig``): the torch
+    configs are those classes, the Flax ones derived from them, so they cannot drift (0.2
+    kept two copies, and ``zero_init_residual`` was accepted by Flax and never read)."""
+    shared = bnconfig.KINDS[kind]
+    assert tcfg.KINDS[kind] is shared and issubclass(fcfg.KINDS[kind], shared)
+    flax_fields = {f.name for f in dataclasses.fields(fcfg.KINDS[kind])}
+    assert flax_fields - {f.name for f in dataclasses.fields(shared)} == {
+        "bn_semantics",
+        "compute_dtype",
+        "bn_axis_name",
+        "bn_variance",
+    }
+    assert fcfg.KINDS[kind]().bn_momentum == 0.9 and shared().bn_momentum == 0.1  # each side's direction
+
+
+def test_a_new_kind_gets_its_flax_twin_without_flax_code():
+    @dataclasses.dataclass(frozen=True)
+    class TinyConfig(bnconfig.MLPConfig):
+        """A kind the library does not know."""
+
+    twin = fcfg.twin(TinyConfig)
+    assert twin(hidden=(3,)).bn_momentum == 0.9 and twin(hidden=(3,), compute_dtype="bfloat16").hidden == (3,)
+    with pytest.raises(ValueError, match="compute_dtype must be 'float32' or 'bfloat16'"):
+        twin(compute_dtype="float16")
+
+
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+def test_zero_init_residual_zeroes_each_blocks_last_batchnorm_scale_on_every_side(block):
+    """torchvision's option: each residual block starts as the identity. Honoured by torch,
+    linen (the scale's initialiser) and nnx (set after building, as torch does)."""
+    spec = registry.get("resnet18_cifar").replace(width=4, layers=(1, 1), block=block, zero_init_residual=True)
+    last = "bn3" if block == "bottleneck" else "bn2"
+    torch_model = spec.build_torch()
+    variables = spec.build_linen().init(jax.random.key(0), jnp.zeros((2, 8, 8, 3)), train=False)
+    nnx_model = spec.build_nnx(nnx.Rngs(0))
+    for stage in ("layer1", "layer2"):
+        assert float(getattr(torch_model, stage)[0].get_submodule(last).weight.detach().abs().sum()) == 0
+        assert float(jnp.abs(variables["params"][stage]["0"][last]["scale"]).sum()) == 0
+        assert float(jnp.abs(getattr(getattr(nnx_model, stage)[0], last).scale[...]).sum()) == 0
+        assert float(jnp.abs(variables["params"][stage]["0"]["bn1"]["scale"]).sum()) > 0  # only the last one
 
 
 def test_torch_momentum_none_has_no_stock_flax_equivalent_and_says_so():

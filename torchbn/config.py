@@ -1,206 +1,26 @@
-"""Model configurations for the PyTorch side, in PyTorch's conventions.
+"""Model configurations for the PyTorch side, in PyTorch's conventions: the shared classes
+of ``bnconfig``, as they are.
 
 Momentum follows torch: ``running = (1 - momentum) * running + momentum * batch``,
 so the default 0.1 means "10% of the new batch". ``None`` selects torch's cumulative
-moving average over ``num_batches_tracked``. The Flax twin (``flaxbn/config.py``) has the
-same fields with Flax's momentum direction; ``compare.conventions`` converts.
+moving average over ``num_batches_tracked``. Images are NCHW. The Flax twins
+(``flaxbn/config.py``) have the same fields with Flax's momentum direction;
+``compare.conventions`` converts.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Literal
+import bnconfig
+from bnconfig import KINDS, CNNConfig, CommonConfig, MLPConfig, ModelConfig, ResNetConfig
 
-
-def _check(problems: list[str], name: str) -> None:
-    if problems:
-        raise ValueError(f"invalid {name}: " + "; ".join(problems))
-
-
-def _common_problems(cfg) -> list[str]:
-    problems = []
-    if not (isinstance(cfg.num_classes, int) and cfg.num_classes >= 1):
-        problems.append(f"num_classes must be an int >= 1, got {cfg.num_classes!r}")
-    for field in ("dropout", "dropout2d"):
-        p = getattr(cfg, field, 0.0)
-        if not (isinstance(p, (int, float)) and 0.0 <= p <= 1.0):
-            problems.append(f"{field} must be in [0, 1], got {p!r}")
-    m = cfg.bn_momentum
-    if m is not None and not (isinstance(m, (int, float)) and 0.0 <= m <= 1.0):
-        problems.append(f"bn_momentum must be in [0, 1] or None (cumulative average), got {m!r}")
-    if not (isinstance(cfg.bn_eps, (int, float)) and cfg.bn_eps > 0):
-        problems.append(f"bn_eps must be > 0, got {cfg.bn_eps!r}")
-    return problems
-
-
-def _positive_ints(values, field: str) -> list[str]:
-    if not isinstance(values, tuple) or not values:
-        return [f"{field} must be a non-empty tuple of ints >= 1, got {values!r}"]
-    bad = [v for v in values if not (isinstance(v, int) and v >= 1)]
-    return [f"{field} must hold ints >= 1, got {values!r}"] if bad else []
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class CommonConfig:
-    """The BatchNorm settings every model shares, in torch's conventions (momentum: the
-    weight of the new batch; ``None``: cumulative average). Keyword-only."""
-
-    bn_momentum: float | None = 0.1
-    bn_eps: float = 1e-5
-
-
-@dataclasses.dataclass(frozen=True)
-class MLPConfig(CommonConfig):
-    """``(Linear -> BatchNorm1d -> ReLU -> Dropout) * len(hidden) -> Linear``."""
-
-    in_features: int = 64
-    hidden: tuple[int, ...] = (256, 256)
-    num_classes: int = 10
-    dropout: float = 0.5
-    use_bn: bool = True
-
-    def __post_init__(self):
-        problems = _common_problems(self) + _positive_ints(self.hidden, "hidden")
-        if not (isinstance(self.in_features, int) and self.in_features >= 1):
-            problems.append(f"in_features must be an int >= 1, got {self.in_features!r}")
-        _check(problems, type(self).__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class CNNConfig(CommonConfig):
-    """``(Conv3x3 -> BatchNorm2d -> ReLU -> MaxPool2 -> Dropout2d) * len(channels)``,
-    then ``flatten -> Linear -> BatchNorm1d -> ReLU -> Dropout -> Linear``.
-
-    ``image_size`` must be divisible by ``2 ** len(channels)`` (one 2x2 pool per block).
-    """
-
-    in_channels: int = 1
-    image_size: int = 28
-    channels: tuple[int, ...] = (32, 64)
-    hidden: int = 128
-    num_classes: int = 10
-    dropout2d: float = 0.1
-    dropout: float = 0.5
-    use_bn: bool = True
-
-    def __post_init__(self):
-        problems = _common_problems(self) + _positive_ints(self.channels, "channels")
-        for field in ("in_channels", "image_size", "hidden"):
-            v = getattr(self, field)
-            if not (isinstance(v, int) and v >= 1):
-                problems.append(f"{field} must be an int >= 1, got {v!r}")
-        if not problems and self.image_size % 2 ** len(self.channels):
-            problems.append(
-                f"image_size must be divisible by 2**len(channels) = {2 ** len(self.channels)}, got {self.image_size}"
-            )
-        _check(problems, type(self).__name__)
-
-    @property
-    def flatten_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the feature map that is flattened before ``fc``."""
-        side = self.image_size // 2 ** len(self.channels)
-        return (self.channels[-1], side, side)
-
-
-@dataclasses.dataclass(frozen=True)
-class ResNetConfig(CommonConfig):
-    """torchvision's ResNet: BasicBlocks (resnet18: ``layers=(2, 2, 2, 2)``) or Bottlenecks
-    (``block="bottleneck"``; resnet50: ``layers=(3, 4, 6, 3)``; wide and ResNeXt variants by
-    ``width_per_group`` and ``groups``), "ResNet v1.5": the stride on the 3x3 convolution.
-
-    ``stem="imagenet"`` is torchvision's 7x7/2 conv + 3x3/2 max-pool; ``stem="cifar"``
-    is a 3x3/1 conv and no pool, for 32x32 inputs. State-dict keys are torchvision's.
-    ``dropout`` is applied before ``fc`` (0 keeps the torchvision network unchanged).
-    """
-
-    layers: tuple[int, ...] = (2, 2, 2, 2)
-    num_classes: int = 1000
-    in_channels: int = 3
-    width: int = 64
-    stem: Literal["imagenet", "cifar"] = "imagenet"
-    dropout: float = 0.0
-    zero_init_residual: bool = False
-    block: Literal["basic", "bottleneck"] = "basic"
-    groups: int = 1  # bottleneck only: grouped 3x3 convolutions (ResNeXt)
-    width_per_group: int = 64  # bottleneck only: 128 for the wide ResNets, 4 or 8 for ResNeXt
-
-    def __post_init__(self):
-        problems = _common_problems(self) + _positive_ints(self.layers, "layers")
-        for field in ("in_channels", "width"):
-            v = getattr(self, field)
-            if not (isinstance(v, int) and v >= 1):
-                problems.append(f"{field} must be an int >= 1, got {v!r}")
-        if self.stem not in ("imagenet", "cifar"):
-            problems.append(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
-        if self.block not in ("basic", "bottleneck"):
-            problems.append(f"block must be 'basic' or 'bottleneck', got {self.block!r}")
-        for field in ("groups", "width_per_group"):
-            v = getattr(self, field)
-            if not (isinstance(v, int) and v >= 1):
-                problems.append(f"{field} must be an int >= 1, got {v!r}")
-        if self.block == "basic" and (self.groups, self.width_per_group) != (1, 64):
-            problems.append("groups and width_per_group apply to bottleneck blocks only (torchvision's rule)")
-        _check(problems, type(self).__name__)
-
-    expansion = property(lambda self: 4 if self.block == "bottleneck" else 1)
-
-    def stage_widths(self) -> tuple[int, ...]:
-        """Each stage's "planes"; its blocks output ``planes * expansion`` channels."""
-        return tuple(self.width * 2**i for i in range(len(self.layers)))
-
-    @property
-    def min_image_size(self) -> int:
-        """The smallest side an input image may have: each stride-2 step halves it, and the
-        last stage must still see at least one pixel (32 for the imagenet stem and four
-        stages, 8 for the cifar stem)."""
-        return 2 ** (len(self.layers) - 1 + (2 if self.stem == "imagenet" else 0))
-
-    def inner_width(self, planes: int) -> int:
-        """A bottleneck's 3x3 width, torchvision's ``int(planes * width_per_group / 64) * groups``."""
-        return int(planes * (self.width_per_group / 64.0)) * self.groups
-
-
-ModelConfig = MLPConfig | CNNConfig | ResNetConfig
+__all__ = ["KINDS", "CNNConfig", "CommonConfig", "MLPConfig", "ModelConfig", "ResNetConfig", "check_input"]
 
 
 def input_problems(cfg, shape: tuple[int, ...], is_float: bool, train: bool, layout: str = "NCHW") -> list[str]:
-    """Everything wrong with a model input of ``shape`` for ``cfg`` (empty when it fits).
-
-    Images are ``layout`` ("NCHW" for torch, "NHWC" for Flax); a training batch needs two
-    samples for BatchNorm's batch statistics.
-    """
-    problems = []
-    if not is_float:
-        problems.append("dtype: expected a floating-point input")
-    if isinstance(cfg, MLPConfig):
-        if len(shape) != 2 or shape[1] != cfg.in_features:
-            problems.append(f"shape {tuple(shape)}: expected (N, {cfg.in_features})")
-    else:
-        c_axis = 1 if layout == "NCHW" else 3
-        want = "(N, C, H, W)" if layout == "NCHW" else "(N, H, W, C)"
-        if len(shape) != 4:
-            problems.append(f"shape {tuple(shape)}: expected rank 4, {want}")
-        else:
-            h, w = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])
-            if shape[c_axis] != cfg.in_channels:
-                problems.append(f"shape {tuple(shape)}: expected {cfg.in_channels} channels on axis {c_axis} ({want})")
-            if isinstance(cfg, CNNConfig) and (h, w) != (cfg.image_size, cfg.image_size):
-                problems.append(f"shape {tuple(shape)}: expected {cfg.image_size}x{cfg.image_size} images, got {h}x{w}")
-            if isinstance(cfg, ResNetConfig):
-                smallest = cfg.min_image_size
-                if min(h, w) < smallest:
-                    problems.append(
-                        f"shape {tuple(shape)}: images must be at least {smallest}x{smallest} for this ResNet"
-                    )
-    if shape and shape[0] == 0:
-        problems.append("empty batch: expected N >= 1")
-    elif shape and shape[0] == 1 and train and getattr(cfg, "use_bn", True):
-        problems.append("a batch of one in training: BatchNorm needs N >= 2 to compute batch statistics")
-    return problems
+    """Everything wrong with a model input of ``shape`` for ``cfg`` (empty when it fits)."""
+    return bnconfig.input_problems(cfg, shape, is_float, train, layout)
 
 
 def check_input(cfg, shape: tuple[int, ...], is_float: bool, train: bool, layout: str = "NCHW") -> None:
     """Raises one ValueError listing every problem of :func:`input_problems`."""
-    problems = input_problems(cfg, shape, is_float, train, layout)
-    if problems:
-        raise ValueError(f"invalid input for {type(cfg).__name__}: " + "; ".join(problems))
+    bnconfig.check_input(cfg, shape, is_float, train, layout)

@@ -239,9 +239,8 @@ def read_flax(path: str | Path) -> tuple[dict[str, np.ndarray], ModelSpec]:
 
 
 def spec_from_metadata(metadata: Mapping[str, str], path: Path) -> ModelSpec:
-    import torchbn.config as tcfg
+    from bnconfig import KINDS as kinds
 
-    kinds = {"MLPConfig": tcfg.MLPConfig, "CNNConfig": tcfg.CNNConfig, "ResNetConfig": tcfg.ResNetConfig}
     try:
         kind, name = metadata["config_type"], metadata["model"]
         fields, input_shape = json.loads(metadata["config"]), json.loads(metadata["input_shape"])

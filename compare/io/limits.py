@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import bnconfig
+
 GiB = 1 << 30
 
 # safetensors and .pt weights
@@ -153,55 +155,28 @@ def tensor_problems(name: Any, tensor: Any) -> list[str]:
     return []
 
 
+CAPS = bnconfig.Caps(
+    width=MAX_WIDTH,
+    blocks=MAX_BLOCKS,
+    stages=MAX_STAGES,
+    hidden_layers=MAX_HIDDEN_LAYERS,
+    image_side=MAX_IMAGE_SIDE,
+    sample_elements=MAX_SAMPLE_ELEMENTS,
+    classes=MAX_CLASSES,
+)
+
+
 def config_problems(kind: str, fields: Mapping[str, Any], input_shape: Any) -> list[str]:
     """The sizes of a model configuration read from a file, checked before the config or
-    any model is built (a 276-byte header must not describe a 30,000-block ResNet)."""
+    any model is built (a 276-byte header must not describe a 30,000-block ResNet). Each
+    kind says which of its fields are sizes (``bnconfig``'s ``size_problems``)."""
     problems = []
-
-    def ints(name: str, value: Any, low: int, high: int) -> None:
-        values = value if isinstance(value, (list, tuple)) else [value]
-        if not all(type(v) is int and low <= v <= high for v in values):
-            problems.append(f"{name} = {value!r}: expected ints in [{low}, {high}]")
-
     if not (isinstance(input_shape, list) and 1 <= len(input_shape) <= 3):
         problems.append(f"input_shape = {input_shape!r}: expected a list of 1 to 3 ints")
-    else:
-        ints("input_shape", input_shape, 1, MAX_SAMPLE_ELEMENTS)
-        if not problems and math.prod(input_shape) > MAX_SAMPLE_ELEMENTS:
-            problems.append(f"input_shape = {input_shape}: more than {MAX_SAMPLE_ELEMENTS} elements per sample")
-    checks = {
-        "num_classes": (1, MAX_CLASSES),
-        "in_features": (1, MAX_SAMPLE_ELEMENTS),
-        "in_channels": (1, MAX_WIDTH),
-        "width": (1, MAX_WIDTH),
-        "image_size": (1, MAX_IMAGE_SIDE),
-        "groups": (1, MAX_WIDTH),
-        "width_per_group": (1, MAX_WIDTH),
-    }
-    for name, (low, high) in checks.items():
-        if name in fields:
-            ints(name, fields[name], low, high)
-    if kind == "MLPConfig" and "hidden" in fields:
-        h = fields["hidden"]
-        if not isinstance(h, (list, tuple)) or len(h) > MAX_HIDDEN_LAYERS:
-            problems.append(f"hidden = {h!r}: expected at most {MAX_HIDDEN_LAYERS} widths")
-        else:
-            ints("hidden", h, 1, MAX_WIDTH)
-    if kind == "CNNConfig":
-        c = fields.get("channels", [])
-        if not isinstance(c, (list, tuple)) or len(c) > MAX_HIDDEN_LAYERS:
-            problems.append(f"channels = {c!r}: expected at most {MAX_HIDDEN_LAYERS} widths")
-        else:
-            ints("channels", c, 1, MAX_WIDTH)
-        if "hidden" in fields:
-            ints("hidden", fields["hidden"], 1, MAX_WIDTH)
-    if kind == "ResNetConfig":
-        layers = fields.get("layers", [])
-        if not isinstance(layers, (list, tuple)) or not 1 <= len(layers) <= MAX_STAGES:
-            problems.append(f"layers = {layers!r}: expected 1 to {MAX_STAGES} stages")
-        else:
-            ints("layers", layers, 1, MAX_BLOCKS)
-        if type(fields.get("width")) is int and type(layers) in (list, tuple) and len(layers) <= MAX_STAGES:
-            if fields["width"] * 2 ** (len(layers) - 1) > MAX_WIDTH:
-                problems.append(f"width {fields['width']} doubles past {MAX_WIDTH} channels over {len(layers)} stages")
-    return problems
+    elif not all(type(v) is int and 1 <= v <= MAX_SAMPLE_ELEMENTS for v in input_shape):
+        problems.append(f"input_shape = {input_shape!r}: expected ints in [1, {MAX_SAMPLE_ELEMENTS}]")
+    elif math.prod(input_shape) > MAX_SAMPLE_ELEMENTS:
+        problems.append(f"input_shape = {input_shape}: more than {MAX_SAMPLE_ELEMENTS} elements per sample")
+    if kind not in bnconfig.KINDS:
+        return [*problems, f"config_type {kind!r}: known kinds are {', '.join(bnconfig.KINDS)}"]
+    return problems + bnconfig.KINDS[kind].size_problems(fields, CAPS)

@@ -26,7 +26,6 @@ from compare import conventions
 from compare.registry import ModelSpec, get
 from compare.transfer import flatten as flatten_detection
 from compare.transfer.validation import CustomPortError
-from torchbn.config import CNNConfig
 
 FlatFlax = dict[str, np.ndarray]  # "params/fc1/kernel" -> array
 # An nnx model built here (``model=None``) gets nnx.Rngs(NNX_SEED): its weights are
@@ -202,9 +201,7 @@ def _flattened_inputs(spec: ModelSpec | Port) -> Mapping[str, tuple[int, int, in
     """Linear layers that read a flattened (C, H, W) feature map with H*W > 1."""
     if isinstance(spec, Port):
         return spec.flatten
-    if isinstance(spec.config, CNNConfig):
-        return {"fc": spec.config.flatten_shape}
-    return {}  # ResNet flattens after global pooling: (C, 1, 1), nothing to permute
+    return spec.config.flattened_linears()  # a ResNet flattens after global pooling: (C, 1, 1), nothing
 
 
 @functools.lru_cache(maxsize=32)
