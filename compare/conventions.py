@@ -21,6 +21,42 @@ import flaxbn.config as fcfg
 import torchbn.config as tcfg
 
 
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """A compute precision, as each framework spells it. ``float32``: everything in float32.
+    ``bfloat16``: mixed precision, bfloat16 matmuls and convolutions with float32 parameters
+    and BatchNorm statistics: torch's ``autocast``, Flax's ``compute_dtype``."""
+
+    name: str
+
+    def __post_init__(self):
+        if self.name not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.name!r}")
+
+    @property
+    def mixed(self) -> bool:
+        return self.name == "bfloat16"
+
+    def torch_dtype(self):
+        import torch
+
+        return torch.bfloat16 if self.mixed else torch.float32
+
+    def jax_dtype(self):
+        import jax.numpy as jnp
+
+        return jnp.bfloat16 if self.mixed else jnp.float32
+
+    def autocast(self, device_type: str):
+        """``torch.autocast`` for mixed precision on ``device_type`` ("cpu"/"cuda"), else a no-op."""
+        import torch
+
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.mixed)
+
+
+PRECISIONS = ("float32", "bfloat16")
+
+
 def torch_to_flax_momentum(momentum: float) -> float:
     """torch's weight of the *new* batch -> Flax's weight of the *old* running value."""
     if momentum is None:

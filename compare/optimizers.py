@@ -24,19 +24,17 @@ from collections.abc import Callable
 import optax
 import torch
 
+import flaxbn.train as ftrain
+import torchbn.train as ttrain
+
 LR = 0.05
 WD = 0.01
 
 PAIRS: dict[str, tuple[Callable, Callable[[], optax.GradientTransformation]]] = {
-    "sgd_momentum": (lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9), lambda: optax.sgd(LR, momentum=0.9)),
-    "sgd_nesterov": (
-        lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9, nesterov=True),
-        lambda: optax.sgd(LR, momentum=0.9, nesterov=True),
-    ),
-    "sgd_weight_decay": (
-        lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9, weight_decay=WD),
-        lambda: optax.chain(optax.add_decayed_weights(WD), optax.sgd(LR, momentum=0.9)),
-    ),
+    # SGD: the library's one definition on each side (torchbn.train.sgd, flaxbn.train.sgd)
+    "sgd_momentum": (lambda p: ttrain.sgd(p, lr=LR), lambda: ftrain.sgd(LR)),
+    "sgd_nesterov": (lambda p: ttrain.sgd(p, lr=LR, nesterov=True), lambda: ftrain.sgd(LR, nesterov=True)),
+    "sgd_weight_decay": (lambda p: ttrain.sgd(p, lr=LR, weight_decay=WD), lambda: ftrain.sgd(LR, weight_decay=WD)),
     "adam": (lambda p: torch.optim.Adam(p, lr=LR / 50), lambda: optax.adam(LR / 50)),
     "adam_l2": (
         lambda p: torch.optim.Adam(p, lr=LR / 50, weight_decay=WD),

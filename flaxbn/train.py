@@ -1,5 +1,7 @@
-"""The Flax training steps, linen and nnx: cross-entropy, gradients, optax update,
-BatchNorm statistics updated. The twin of ``torchbn/train.py``.
+"""The Flax training and evaluation steps, linen and nnx: cross-entropy, gradients, optax
+update, BatchNorm statistics updated; and the one optimizer definition (:func:`sgd`). The
+twin of ``torchbn/train.py``; the benchmark, the data-parallel checks and the experiments
+all train through these.
 
 linen is functional: the step takes the state and returns the new one, and passes
 ``mutable=["batch_stats"]`` in training. The dropout key is the step's own
@@ -75,6 +77,13 @@ def linen_train_step(
     return LinenState(params, batch_stats, opt_state, state.step + 1), loss
 
 
+def linen_eval_step(apply_fn: Callable, state: LinenState, x: jax.Array, labels: jax.Array):
+    """Eval-mode loss and accuracy (running statistics, no Dropout, nothing updated: no
+    ``mutable``, no rng); jit it."""
+    logits = apply_fn({"params": state.params, "batch_stats": state.batch_stats}, x, train=False)
+    return cross_entropy(logits, labels), jax.numpy.mean(jax.numpy.argmax(logits, -1) == labels)
+
+
 def nnx_loss_and_grads(model: nnx.Module, x: jax.Array, labels: jax.Array):
     """Returns ``((loss, logits), grads)``; the model's BatchStats and RNG counts advance."""
 
@@ -92,7 +101,16 @@ def nnx_train_step(model: nnx.Module, optimizer: nnx.Optimizer, x: jax.Array, la
     return loss
 
 
+def nnx_eval_step(model: nnx.Module, x: jax.Array, labels: jax.Array):
+    """Eval-mode loss and accuracy; the model is switched to eval mode (``model.eval()``)
+    and nothing is updated. Wrap it in ``nnx.jit``."""
+    model.eval()
+    logits = model(x)
+    return cross_entropy(logits, labels), jax.numpy.mean(jax.numpy.argmax(logits, -1) == labels)
+
+
 def sgd(lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False):
-    """torch's SGD in optax: weight decay as L2 on the gradient, then the momentum trace."""
+    """torch's SGD in optax: weight decay as L2 on the gradient, then the momentum trace.
+    The defaults (lr 0.1, momentum 0.9) are the benchmark's."""
     sgd_ = optax.sgd(lr, momentum=momentum or None, nesterov=nesterov)
     return optax.chain(optax.add_decayed_weights(weight_decay), sgd_) if weight_decay else sgd_

@@ -1,7 +1,12 @@
-"""The PyTorch training step: cross-entropy, backward, optimizer step, BatchNorm buffers
-updated in place by the train-mode forward. The twin of ``flaxbn/train.py``."""
+"""The PyTorch training and evaluation steps: cross-entropy, backward, optimizer step,
+BatchNorm buffers updated in place by the train-mode forward; and the one optimizer
+definition (:func:`sgd`). The twin of ``flaxbn/train.py``; the benchmark, the data-parallel
+checks and the experiments all train through these."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -25,15 +30,50 @@ def loss_and_grads(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> t
 
 
 def train_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, labels: torch.Tensor
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    autocast: contextlib.AbstractContextManager | None = None,
 ) -> torch.Tensor:
-    """One training step; returns the loss (a 0-d tensor, not synchronised)."""
-    loss, _ = loss_and_grads(model, x, labels)
+    """One training step in train mode; returns the loss (a 0-d tensor, not synchronised).
+
+    ``model`` may be a ``torch.compile``d module. ``autocast`` (``torch.autocast(...)``) is
+    mixed precision, around the forward and the loss only, as torch recommends."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    with autocast if autocast is not None else contextlib.nullcontext():
+        loss = cross_entropy(model(x), labels)
+    loss.backward()
     optimizer.step()
-    return loss
+    return loss.detach()
 
 
-def sgd(model: nn.Module, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False):
+def eval_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode loss and accuracy (BatchNorm uses its running statistics, Dropout is the
+    identity; nothing is updated): two 0-d tensors, not synchronised."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+        return cross_entropy(logits, labels), (logits.argmax(-1) == labels).float().mean()
+
+
+def sgd(
+    params: nn.Module | Iterable,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    *,
+    fused: bool | None = None,
+    foreach: bool | None = None,
+) -> torch.optim.SGD:
     """SGD with momentum: ``buf = momentum * buf + g``, ``p -= lr * buf`` (weight decay is
-    L2: added to ``g`` first). ``foreach`` is torch's default fast path on CPU and GPU."""
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    L2: added to ``g`` first). The defaults (lr 0.1, momentum 0.9) are the benchmark's.
+    ``params``: a model or its parameters; ``fused`` (GPU) and ``foreach`` pick torch's
+    fast paths (default: torch's choice)."""
+    params = params.parameters() if isinstance(params, nn.Module) else params
+    return torch.optim.SGD(
+        params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, fused=fused, foreach=foreach
+    )

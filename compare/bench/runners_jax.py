@@ -22,10 +22,10 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 import flaxbn.train as ftrain
+from compare.conventions import Precision
 from compare.registry import ModelSpec
 
 SCAN_STEPS = 10
@@ -42,10 +42,6 @@ def _data(spec: ModelSpec, batch: int):
     return x, jax.random.randint(ky, (batch,), 0, spec.config.num_classes)
 
 
-def _tx():
-    return optax.sgd(0.1, momentum=0.9)  # torch.optim.SGD(lr=0.1, momentum=0.9)
-
-
 class LinenRunner:
     steps_per_call = 1
 
@@ -54,7 +50,7 @@ class LinenRunner:
         model = spec.build_linen(compute_dtype=dtype, bn_variance=BN_VARIANCE[device])
         self.x, self.labels = _data(spec, batch)
         variables = model.init(jax.random.key(1), self.x[:2], train=False)
-        tx = _tx()
+        tx = ftrain.sgd()
         self.state = ftrain.linen_init_state(variables, tx)
         self.key = jax.random.key(2)
         one_step = functools.partial(ftrain.linen_train_step, model.apply, tx)
@@ -104,7 +100,7 @@ class NnxRunner:
         }
         model = spec.build_nnx(nnx.Rngs(params=1, dropout=2), compute_dtype=dtype, bn_variance=BN_VARIANCE[device])
         model.train()
-        optimizer = nnx.Optimizer(model, _tx(), wrt=nnx.Param)
+        optimizer = nnx.Optimizer(model, ftrain.sgd(), wrt=nnx.Param)
         self.x, self.labels = _data(spec, batch)
         self.pattern = pattern
         if pattern == "split":
@@ -155,7 +151,7 @@ def configure(device: str) -> dict:
 def peak_matmul_tflops(dtype: str, device: str, n: int) -> float:
     import time
 
-    jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    jdtype = Precision(dtype).jax_dtype()
     a = jax.random.normal(jax.random.key(0), (n, n), jdtype)
     b = jax.random.normal(jax.random.key(1), (n, n), jdtype)
     f = jax.jit(jnp.matmul)

@@ -10,11 +10,10 @@ returns the loss without synchronising; ``sync()`` waits for the device.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
-from torch import nn
 
+import torchbn.train as ttrain
+from compare.conventions import Precision
 from compare.registry import ModelSpec
 
 
@@ -34,23 +33,14 @@ class TorchRunner:
             self.info["channels_last"] = True
         self.x = x
         fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.SGD(
-            model.parameters(), lr=0.1, momentum=0.9, fused=fused or None, foreach=None if fused else True
-        )
+        self.optimizer = ttrain.sgd(model, fused=fused or None, foreach=None if fused else True)
         self.model = model
         # dynamic=False: one static graph per shape, as XLA compiles one per shape
         self.forward = torch.compile(model, mode=compile_mode, dynamic=False) if compile_mode else model
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
-        )
+        self.autocast = Precision(dtype).autocast(self.device.type)
 
     def step(self) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast:
-            loss = nn.functional.cross_entropy(self.forward(self.x), self.labels)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach()
+        return ttrain.train_step(self.forward, self.optimizer, self.x, self.labels, autocast=self.autocast)
 
     def sync(self, out) -> None:
         if self.device.type == "cuda":
@@ -90,7 +80,7 @@ def peak_matmul_tflops(dtype: str, device: str, n: int) -> float:
     import time
 
     dev = torch.device("cuda" if device == "gpu" else "cpu")
-    tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    tdtype = Precision(dtype).torch_dtype()
     a, b = (torch.randn(n, n, device=dev, dtype=tdtype) for _ in range(2))
     times = []
     for i in range(13):

@@ -128,7 +128,7 @@ def _check_eval(
     spec: ModelSpec, api: str, seed: int, batch: int, tol: tolerances.Tolerance | None, torch_device: str, dtype: str
 ) -> dict:
     if tol is None:
-        tol = tolerances.get("eval.bfloat16" if dtype == "bfloat16" else f"eval.{spec.name}")
+        tol = tolerances.get("eval.bfloat16" if conventions.Precision(dtype).mixed else f"eval.{spec.name}")
     torch.manual_seed(seed)
     model = spec.build_torch()
     rng = np.random.default_rng(seed)
@@ -136,7 +136,7 @@ def _check_eval(
     randomize_batchnorm(model, torch.from_numpy(calibration), seed)
     model.eval().to(torch_device)
     x = rng.standard_normal((batch, *spec.input_shape), dtype=np.float32)
-    autocast = torch.autocast(torch_device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    autocast = conventions.Precision(dtype).autocast(torch_device)
     with torch.no_grad(), autocast:
         expected = model(torch.from_numpy(x).to(torch_device)).float().cpu().numpy()
     state = flax_state_from_torch(spec, api, model.state_dict(), dtype)
