@@ -150,6 +150,10 @@ class BenchRecord(Record):
     pattern: str | None = field(optional=True, table=False)
     scan_steps: int | None = field(optional=True, table=False)
     bn_variance: str | None = field(optional=True, table=False)  # JAX: "two_pass" | "shifted"
+    # the machine's load around this group (compare.bench.load): the share of the cores this
+    # run could use, the lower of the probes before and after it; busy when under the threshold
+    cpu_share: float | None = field(optional=True)
+    busy: bool | None = field(optional=True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -165,6 +169,7 @@ class Speedup(Record):
     jax_samples_per_s: float = field()
     torch_samples_per_s: float = field()
     speedup: float = field()
+    busy: bool | None = field(optional=True)  # the machine was busy during this group: do not trust the ratio
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -261,7 +266,8 @@ class DistributedRecord(Record):
 
 # the kinds whose records go into results.json, by suite
 KINDS: dict[str, tuple[type[Record], ...]] = {
-    "equivalence": (EquivalenceRecord, TrainEquivalenceRecord),
+    "equivalence": (EquivalenceRecord,),
+    "train_equivalence": (TrainEquivalenceRecord,),
     "spec": (SpecRecord,),
     "bench": (BenchRecord,),
     "train": (TrainRecord,),

@@ -1,25 +1,25 @@
 """Command line: ``python -m compare.run [--suite NAME ...] [--quick | --full] [--device auto|cpu|gpu] [--out DIR]``.
 
-Runs the chosen suites, writes ``results.json`` and ``report.md`` (and PNG plots) into
-``--out`` (default: a new time-stamped folder under ``runs/``), prints the tables, and
-exits non-zero when any check that should hold does not. Results are rewritten after every
-suite and every benchmark group, so a run stopped by SIGTERM or Ctrl-C keeps what it
-finished (exit status 143 or 130); ``--budget-s`` and ``--resume`` plan around that. Each
-suite is defined, with its own options, in its job folder (``compare.suite``).
+Runs the chosen suites, writes ``results.json``, ``report.md`` and PNG plots into ``--out``
+(default: ``runs/<time>/``), prints the tables, and exits non-zero when a check that should
+hold does not. Results are rewritten after every suite and benchmark group, so a run stopped
+by SIGTERM or Ctrl-C keeps what it finished (exit status 143 or 130). Each suite is defined,
+with its own options, in its job folder (``compare.suite``); this file parses, loops and
+handles signals.
 """
 
 from __future__ import annotations
 
 import os
 
-# torch and JAX share one GPU in this process: stop JAX from reserving 75% of its memory
-# up front (must be set before JAX starts its backend).
+# torch and JAX share one GPU in this process: JAX must not reserve 75% of its memory up front
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse
 import datetime
 import signal
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -30,6 +30,7 @@ from compare.checks.suites import DISTRIBUTED, EQUIVALENCE, SPEC
 from compare.experiments.suite import TRAIN
 from compare.report import console as console_report
 from compare.report import figures, results
+from compare.suite import resolve_device
 
 SUITES = {s.name: s for s in (EQUIVALENCE, SPEC, BENCH, TRAIN, DISTRIBUTED)}
 DEFAULT_SUITES = ["equivalence", "bench"]
@@ -53,7 +54,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     chosen = args.suite or DEFAULT_SUITES
     args.suites = list(SUITES) if "all" in chosen else list(dict.fromkeys(chosen))
-    args.device = _resolve_device(args.device, parser)
+    args.device = resolve_device(args.device) or parser.error("--device gpu: no GPU visible to both torch and jax")
     if args.resume is not None and not (args.resume / "results.json").is_file():
         parser.error(f"--resume {args.resume}: no results.json there")
     if args.out is None:
@@ -61,30 +62,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _resolve_device(device: str, parser: argparse.ArgumentParser) -> str:
-    import jax
-    import torch
-
-    has_gpu = torch.cuda.is_available() and any(d.platform == "gpu" for d in jax.devices())
-    if device == "gpu" and not has_gpu:
-        parser.error("--device gpu: no GPU visible to both torch (torch.cuda) and jax (jax.devices())")
-    return ("gpu" if has_gpu else "cpu") if device == "auto" else device
-
-
 class Stopped(BaseException):
-    """Raised by the SIGTERM handler, so that the run saves what it has and exits. A
-    BaseException, like KeyboardInterrupt: library code that catches ``Exception`` (to fall
-    back or retry) must not swallow it and carry on."""
+    """Raised by the SIGTERM handler: the run saves what it has and exits. A BaseException,
+    like KeyboardInterrupt, so that library code catching ``Exception`` cannot swallow it."""
 
 
 _STOP_REQUESTS: list[str] = []  # the signals received; a raise from the handler can be lost (see _stop)
 
 
 def _stop(signum, frame):
-    """Raises at once; the request is also remembered, because Python runs the handler
-    wherever the main thread is, and an exception raised inside a finaliser or a callback
-    that C code calls is printed as "Exception ignored" and lost. ``_check_stop`` raises it
-    again at the next progress report."""
+    """Raises at once, and remembers the request: an exception raised inside a finaliser or
+    a C callback is printed as "Exception ignored" and lost; ``_check_stop`` raises it again."""
     _STOP_REQUESTS.append(signal.Signals(signum).name)
     raise Stopped(_STOP_REQUESTS[-1])
 
@@ -113,9 +101,11 @@ def _run_suites(args, console: Console, saved: results.Results) -> None:
                     bar.update(task, advance=1, description=f"{name}: {what}")
 
             saved.data["meta"]["running"] = name
+            t0 = time.perf_counter()
             part = SUITES[name].run(args, progress, saved)
             complete = part.pop("complete", True)
             saved.merge(part)
+            saved.data["meta"].setdefault("suite_wall_s", {})[name] = round(time.perf_counter() - t0, 1)
             if complete:
                 saved.data["meta"]["suites_done"] = [*saved.data["meta"].get("suites_done", []), name]
             saved.save()
@@ -153,15 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         saved.save()
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if status:
-        return status
-    console_report.show(saved.data, console)
-    failed = results.failures(saved.data)
-    console.print(f"wrote {args.out / 'results.json'} and {args.out / 'report.md'}")
-    if failed:
-        console.print(f"[red]{len(failed)} check(s) failed[/red]")
-        return 1
-    return 0
+    return status or console_report.finish(saved.data, console, args.out)
 
 
 if __name__ == "__main__":

@@ -36,3 +36,15 @@ class Suite:
     help: str  # one line: what the suite checks
     run: Callable[[argparse.Namespace, Progress, Saved], dict[str, Any]]
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+def resolve_device(device: str) -> str | None:
+    """``"auto"``, ``"cpu"`` or ``"gpu"`` as the device to run on: auto is the GPU when both
+    torch (``torch.cuda``) and jax (``jax.devices()``) see one; None for "gpu" without one."""
+    import jax
+    import torch
+
+    has_gpu = torch.cuda.is_available() and any(d.platform == "gpu" for d in jax.devices())
+    if device == "gpu" and not has_gpu:
+        return None
+    return ("gpu" if has_gpu else "cpu") if device == "auto" else device

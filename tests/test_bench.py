@@ -171,6 +171,58 @@ def test_the_speedup_spread_over_separate_runs_gives_median_min_and_max(tmp_path
         (tmp_path / str(i)).mkdir()
         (tmp_path / str(i) / "results.json").write_text(__import__("json").dumps(r))
     assert spread.main([str(tmp_path / str(i)) for i in range(3)]) == 0
-    assert "| mlp | float32 | 256 | 3 | 2.5 | 2 | 3 | jax-scan | torch-eager |" in capsys.readouterr().out
+    assert "| mlp | float32 | 256 | 3 | 0 | 2.5 | 2 | 3 | jax-scan | torch-eager |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         spread.main([str(tmp_path / "0"), str(tmp_path / "1")])  # two runs are not a spread
+
+
+def test_a_busy_machine_is_seen_from_inside_the_process_and_flagged():
+    """Two spinning processes per core compete with the probe's children: they get at most
+    a third of the cores, far under the threshold (a quiet machine measures 0.93 to 1.0).
+    The load average could not tell this inside a container (it is the host's)."""
+    import subprocess
+    import sys
+
+    from compare.bench import load
+
+    spinners = [
+        subprocess.Popen(
+            [sys.executable, "-c", "import time\nt = time.monotonic() + 20\nwhile time.monotonic() < t: pass"]
+        )
+        for _ in range(2 * load.cores())
+    ]
+    try:
+        measured = load.probe()
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+    assert measured.share < 0.5 and measured.busy, measured
+    assert "the machine was busy" in load.describe(measured.share)
+    assert "quiet" in load.describe(0.97) and not load.Load(0.97, 2).busy
+
+
+def test_a_group_measured_on_a_busy_machine_is_marked_in_the_report_and_left_out_of_the_spread():
+    from compare.report import markdown, spread
+
+    def run(ratio, busy):
+        recs = [
+            {
+                "model": "cnn",
+                "dtype": "float32",
+                "batch_size": 256,
+                "impl": i,
+                "samples_per_s": sps,
+                "cpu_share": 0.4 if busy else 0.97,
+                "busy": busy,
+            }
+            for i, sps in (("jax-linen-jit", 100 * ratio), ("torch-compile", 100))
+        ]
+        return {"meta": {}, "bench": recs}
+
+    runs = [run(0.5, False), run(3.9, True), run(0.6, False)]
+    [row] = spread.spread(runs)
+    assert (row["runs"], row["busy_runs"], row["speedup_max"]) == (2, 1, 0.6)
+    text = "\n".join(markdown._speedup_tables(runs[1]["bench"]))
+    assert "**cnn float32 batch 256**: the machine was busy: this run could use only 40% of its cores" in text
+    assert bench.speedups(runs[1]["bench"])[0]["busy"] is True

@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from compare import registry
-
 ROOT = Path(__file__).resolve().parents[1]
 PORTING = (ROOT / "docs" / "porting.md").read_text()
 
@@ -58,10 +56,13 @@ def test_the_divergence_report_shown_is_what_the_wrong_twin_example_prints():
             assert g == pytest.approx(w, rel=0.9) if w < 1e-4 else g == pytest.approx(w, rel=0.2)
 
 
-def test_the_input_rules_table_is_the_registrys_own():
-    rows = [f"| `{name}` | {registry.get(name).input_rule} |" for name in registry.NAMES]
-    table = "\n".join(["| model | input |", "|---|---|", *rows]) + "\n"
-    assert _between(PORTING, "input rules") == table
+def test_every_generated_block_of_the_docs_is_up_to_date():
+    """README.md and docs/*.md state no number by hand: each block is written by
+    ``python -m compare.report.docs`` from a committed results.json or the code (the input
+    rules of the registry, the benchmark, the suite durations, ...)."""
+    from compare.report import docs
+
+    assert docs.rewrite(ROOT, check=True) == []
 
 
 def test_a_float64_port_matches_torch_in_float64_to_1e_12():
@@ -69,7 +70,7 @@ def test_a_float64_port_matches_torch_in_float64_to_1e_12():
     order of sums (measured 2e-15 on the resnet18_cifar's logits)."""
     import jax
 
-    from compare import transfer
+    from compare import registry, transfer
     from compare.checks import equivalence
     from compare.conventions import nchw_to_nhwc
 
@@ -85,3 +86,34 @@ def test_a_float64_port_matches_torch_in_float64_to_1e_12():
         got = np.asarray(spec.build_linen().apply(variables, nchw_to_nhwc(x), train=False))
     assert got.dtype == np.float64
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_cli_page_names_every_option_of_every_command():
+    """docs/cli.md documents each command with all of its options (taken from the parsers)."""
+    import argparse
+
+    from compare import convert, run
+
+    cli = (ROOT / "docs" / "cli.md").read_text()
+    parsers = {"compare.run": None, "compare.convert": None}
+    for name, main in (("compare.run", run.parse), ("compare.convert", convert.main)):
+        captured = {}
+        original = argparse.ArgumentParser.parse_args
+
+        def grab(self, args=None, namespace=None, captured=captured):
+            captured["parser"] = self
+            raise SystemExit(0)
+
+        argparse.ArgumentParser.parse_args = grab
+        try:
+            main([])
+        except SystemExit:
+            pass
+        finally:
+            argparse.ArgumentParser.parse_args = original
+        parsers[name] = captured["parser"]
+    for name, parser in parsers.items():
+        assert f"python -m {name}" in cli
+        options = {o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+        missing = sorted(o for o in options if f"`{o}" not in cli and f"{o} " not in cli and f"[{o}" not in cli)
+        assert not missing, f"{name}: {missing} not in docs/cli.md"

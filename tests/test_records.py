@@ -1,5 +1,5 @@
 """The records of results.json: one dataclass per kind, the same fields as before the 0.2
-layout, and the same fields in README.md and DESIGN.md as in the code."""
+layout, and the same fields in docs/cli.md and DESIGN.md as in the code."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _fields(suite: str, required_only: bool = False) -> list[set[str]]:
 
 
 def test_each_suite_has_its_record_kinds_and_each_field_is_declared_once():
-    assert set(KINDS) == {"equivalence", "spec", "bench", "train", "distributed"}
+    assert set(KINDS) == {"equivalence", "train_equivalence", "spec", "bench", "train", "distributed"}
     for kinds in KINDS.values():
         for kind in kinds:
             names = kind.field_names()
@@ -30,18 +30,31 @@ def test_each_suite_has_its_record_kinds_and_each_field_is_declared_once():
             assert all(re.fullmatch(r"[a-z0-9_]+(-[0-9]+)?", n) for n in names), names  # snake_case (1e-4 allowed)
 
 
-@pytest.mark.parametrize("suite", sorted(KINDS))
+BEFORE_0_2 = json.loads((ROOT / "tests" / "data" / "fields_before_0.2.json").read_text())["suites"]
+
+
+@pytest.mark.parametrize("suite", sorted(BEFORE_0_2))
 def test_the_records_of_every_suite_keep_the_fields_they_had_before_the_move(suite):
     """Every record of the committed pre-0.2 run (``--suite all``) fits one record kind
-    exactly: its required fields are all there and nothing else is."""
-    before = json.loads((ROOT / "tests" / "data" / "fields_before_0.2.json").read_text())["suites"][suite]
-    for keys in map(set, before):
-        fits = [
-            k.__name__
-            for k, required, everything in zip(KINDS[suite], _fields(suite, True), _fields(suite), strict=True)
-            if required <= keys <= everything
-        ]
+    exactly: its required fields are all there and nothing else is. (Its train-mode
+    equivalence records have their own list since schema 3.)"""
+    suites = [suite, "train_equivalence"] if suite == "equivalence" else [suite]
+    kinds = [(k, set(k.field_names(required_only=True)), set(k.field_names())) for s in suites for k in KINDS[s]]
+    for keys in map(set, BEFORE_0_2[suite]):
+        fits = [k.__name__ for k, required, everything in kinds if required <= keys <= everything]
         assert fits, f"{suite}: no record kind has exactly the fields {sorted(keys)}"
+
+
+def test_a_results_file_of_schema_2_is_upgraded_on_load(tmp_path):
+    """Its train-mode records move from ``equivalence`` to ``train_equivalence``."""
+    from compare.report.results import load
+
+    old = {"meta": {"schema_version": 2}, "equivalence": [{"mode": "eval", "ok": True}, {"mode": "train", "ok": True}]}
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    new = load(tmp_path / "results.json")
+    assert new["equivalence"] == [{"mode": "eval", "ok": True}] and new["train_equivalence"] == [
+        {"mode": "train", "ok": True}
+    ]
 
 
 def test_optional_fields_are_left_out_only_when_none():
@@ -62,8 +75,8 @@ def test_a_record_refuses_an_unknown_field():
 
 
 def _readme_fields() -> dict[str, set[str]]:
-    """The README's results.json table: record class -> the backticked field names."""
-    text = (ROOT / "README.md").read_text()
+    """docs/cli.md's results.json table: record class -> the backticked field names."""
+    text = (ROOT / "docs" / "cli.md").read_text()
     rows = re.findall(r"^\s*\| `(\w+)` \| `(\w+)`[^|]*\| (.+) \|$", text, flags=re.M)
     out = {}
     for _suite, kind, cells in rows:
@@ -73,14 +86,14 @@ def _readme_fields() -> dict[str, set[str]]:
     return out
 
 
-def test_the_readme_lists_exactly_the_fields_of_every_record_kind():
+def test_the_cli_page_lists_exactly_the_fields_of_every_record_kind():
     table = _readme_fields()
     for kinds in KINDS.values():
         for kind in kinds:
             assert table.get(kind.__name__) == set(kind.field_names()), kind.__name__
 
 
-def test_the_readme_lists_exactly_the_fields_of_a_claim():
+def test_the_cli_page_lists_exactly_the_fields_of_a_claim():
     assert _readme_fields()["Claim"] == set(records.Claim.field_names())
 
 

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from compare.bench import flops, peaks, runners_jax, runners_torch
+from compare.bench import flops, load, peaks, runners_jax, runners_torch
 from compare.bench.memory import MemoryProbe
 from compare.records import BenchRecord, Speedup
 from compare.registry import ModelSpec, get
@@ -256,13 +256,17 @@ def run(
     status = settings["groups"] = {group_key(*g): "not reached" for g in groups}
     if budget_s is not None:
         settings["budget_s"] = budget_s
+    settings["load_threshold"] = load.THRESHOLD
     records, spent = [], {}
+    t_probe = time.perf_counter()
+    before = load.probe()
+    probe_s = time.perf_counter() - t_probe  # the load probes do not count against the budget
     for group in groups:
         key = group_key(*group)
         if group in done:
             status[key] = "done (in the resumed results)"
             continue
-        left = None if budget_s is None else budget_s - (time.perf_counter() - t_start)
+        left = None if budget_s is None else budget_s - (time.perf_counter() - t_start - probe_s)
         expected = estimate_s(group, spent)
         if left is not None and (left <= 0 or (expected is not None and expected > left)):
             status[key] = f"skipped: over the budget (expected {expected or 0:.0f} s, {max(left, 0):.0f} s left)"
@@ -272,7 +276,13 @@ def run(
             group[0], group[1], group[2], device, sweep, settings["peak_matmul_tflops_per_s"][group[2]], progress
         )
         spent[group] = time.perf_counter() - t0
-        status[key] = f"done in {spent[group]:.0f} s"
+        t_probe = time.perf_counter()
+        after = load.probe()
+        probe_s += time.perf_counter() - t_probe
+        share = min(before.share, after.share)
+        new = [{**r, "cpu_share": share, "busy": share < load.THRESHOLD} for r in new]
+        before = after
+        status[key] = f"done in {spent[group]:.0f} s" + (" (machine busy)" if share < load.THRESHOLD else "")
         records += new
         if on_group:
             on_group(new, settings)
@@ -303,6 +313,7 @@ def speedups(records: list[dict]) -> list[dict]:
                     jax_samples_per_s=jax_best["samples_per_s"],
                     torch_samples_per_s=torch_best["samples_per_s"],
                     speedup=jax_best["samples_per_s"] / torch_best["samples_per_s"],
+                    busy=any(r.get("busy") for r in recs) if any("busy" in r for r in recs) else None,
                 ).to_dict()
             )
     return rows

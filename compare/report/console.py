@@ -55,10 +55,27 @@ def show(results: dict[str, Any], console: Console | None = None) -> None:
             console.print(f"{c['claim']} claim, {c['model']} ({c['framework']}): {verdict}: {c['detail']}")
     if "bench" in results:
         for row in speedups(results["bench"]):
+            warning = (
+                " [yellow](machine busy during this group: do not trust the ratio)[/yellow]" if row.get("busy") else ""
+            )
             console.print(
                 f"{row['model']} {row['dtype']} batch {row['batch_size']}: best JAX ({row['best_jax']}) is "
-                f"{row['speedup']:.2f}x the best PyTorch ({row['best_torch']})"
+                f"{row['speedup']:.2f}x the best PyTorch ({row['best_torch']}){warning}"
             )
     for r in results.get("equivalence", []):
         if r.get("ok") is False and r.get("first_divergence"):
             console.print(f"[red]{r['model']}/{r['flax_api']}: first divergence at {r['first_divergence']}[/red]")
+
+
+def finish(results: dict[str, Any], console: Console, out) -> int:
+    """The end of a run: the tables, where the files are, and the exit status (1 when a
+    check that should hold does not)."""
+    from compare.report.results import failures
+
+    show(results, console)
+    failed = failures(results)
+    console.print(f"wrote {out / 'results.json'} and {out / 'report.md'}")
+    if failed:
+        console.print(f"[red]{len(failed)} check(s) failed[/red]")
+        return 1
+    return 0

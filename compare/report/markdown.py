@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from compare.bench import load
 from compare.bench.sweep import speedups
 from compare.records import (
     BenchRecord,
@@ -109,7 +110,15 @@ def _speedup_tables(records: list[dict]) -> list[str]:
     ]:
         if chosen:
             lines += [title, "", *_md_table(Speedup.columns(), chosen), ""]
-    return lines
+    shares = {
+        (r["model"], r["dtype"], r["batch_size"]): r["cpu_share"] for r in records if r.get("cpu_share") is not None
+    }
+    for (model, dtype, batch), share in shares.items():
+        if share < load.THRESHOLD:
+            lines.append(f"* **{model} {dtype} batch {batch}**: {load.describe(share)}.")
+    if shares and all(s >= load.THRESHOLD for s in shares.values()):
+        lines.append(f"* {load.describe(min(shares.values()))} in every group (threshold {load.THRESHOLD:.0%}).")
+    return [*lines, ""] if shares else lines
 
 
 def _bench_md(results: dict[str, Any], out: Path | None) -> list[str]:

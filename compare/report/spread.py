@@ -26,6 +26,7 @@ COLUMNS = (
     "dtype",
     "batch_size",
     "runs",
+    "busy_runs",
     "speedup_median",
     "speedup_min",
     "speedup_max",
@@ -35,20 +36,26 @@ COLUMNS = (
 
 
 def spread(runs: list[dict]) -> list[dict]:
-    """Per group present in every run: the speed-up's median, min and max over the runs,
-    and which implementations were best (all distinct winners, most frequent first)."""
+    """Per group present in every run: the speed-up's median, min and max over the runs in
+    which the machine was quiet (a group measured on a busy machine is left out and counted
+    in ``busy_runs``), and which implementations were best (most frequent first)."""
     per_run = [{(r["model"], r["dtype"], r["batch_size"]): r for r in speedups(run.get("bench", []))} for run in runs]
     common = set.intersection(*(set(p) for p in per_run)) if per_run else set()
     rows = []
     for key in sorted(common, key=str):
-        ratios = [p[key]["speedup"] for p in per_run]
-        winners = [p[key]["best_jax"] for p in per_run], [p[key]["best_torch"] for p in per_run]
+        quiet = [p[key] for p in per_run if not p[key].get("busy")]
+        if not quiet:
+            rows.append({"model": key[0], "dtype": key[1], "batch_size": key[2], "runs": 0, "busy_runs": len(per_run)})
+            continue
+        ratios = [q["speedup"] for q in quiet]
+        winners = [q["best_jax"] for q in quiet], [q["best_torch"] for q in quiet]
         rows.append(
             {
                 "model": key[0],
                 "dtype": key[1],
                 "batch_size": key[2],
                 "runs": len(ratios),
+                "busy_runs": len(per_run) - len(quiet),
                 "speedup_median": statistics.median(ratios),
                 "speedup_min": min(ratios),
                 "speedup_max": max(ratios),
@@ -68,7 +75,9 @@ def markdown(rows: list[dict], sources: list[str]) -> str:
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
     ]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    if any(r["busy_runs"] for r in rows):
+        lines += ["", "`busy_runs`: runs of that group measured on a busy machine (compare.bench.load), left out."]
     return "\n".join(lines) + "\n"
 
 
