@@ -14,6 +14,7 @@ def draw_all(results: dict[str, Any], folder: Path) -> None:
     folder = Path(folder)
     equivalence.divergence(results.get("train_equivalence", []), folder / "train_divergence.png")
     bench.throughput(results.get("bench", []), folder / "bench_throughput.png")
+    bench.speedup(results.get("bench", []), folder / "bench_speedup.png")
     bench.compile_vs_steady(results.get("bench", []), folder / "bench_compile_vs_steady.png")
     training.learning_curves(results.get("train", []), folder / "train_learning_curves.png")
     training.accuracy_vs_lr(results.get("train", []), folder / "train_accuracy_vs_lr.png")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compare.report.figures.style import plt, save
+from compare.report.figures.style import figure, save
 
 
 def divergence(records: list[dict], path: Path) -> Path | None:
@@ -12,7 +12,7 @@ def divergence(records: list[dict], path: Path) -> Path | None:
     curves = [r for r in records if r.get("divergence_float32")]
     if not curves:
         return None
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = figure(figsize=(8, 4.5))
     for r in curves:
         label = f"{r['model']} / {r['flax_api']}"
         steps = range(1, len(r["divergence_float32"]) + 1)
