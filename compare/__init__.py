@@ -1,15 +1,24 @@
-"""The bridge between ``torchbn`` and ``flaxbn``, and everything built on it.
+"""The bridge between ``torchbn`` and ``flaxbn``, and everything built on it. One folder
+per job; imports point one way, down this map (``tests/test_architecture.py`` enforces it;
+docs/architecture.md says where each kind of change goes)::
 
-One folder per job; imports point one way (``tests/test_architecture.py`` enforces it)::
+    conventions   every conversion between torch's and Flax's conventions, by name
+    registry      the named models, built the same on every side
+    transfer/     the weight map: rules, validation, moves, custom networks, twin checks
+    port/         the Flax twin generated from a traced torch network
+    masks         dropout masks drawn once and injected into torch, linen and nnx
+    optimizers    optimizers that match step for step
+    records       the dataclasses that define every results.json field
+    suite         what a suite of compare.run is
+    io/           files: checkpoints, conversion, training state, limits on untrusted input
+    checks/       equivalence, train equivalence, the spec, tolerances
+    bench/        the benchmark: sweeps, runners, FLOPs, memory, machine load
+    experiments/  the lesson's claims
+    report/       results.json, report.md, console, figures, generated docs
+    run, convert  the command lines
 
-    conventions registry transfer masks optimizers records   the bridge
-    io/  checks/  bench/  experiments/                       built on the bridge
-    report/                                                  reads their records
-    run  convert                                             the command lines
-
-The modules of the flat layout before 0.2 (``compare.checkpoint``, ``compare.equivalence``,
-``compare.bench_jax``, ...) still import, with a ``DeprecationWarning`` that names the new
-path; they go away in 0.3.
+Module paths that moved (``compare.checkpoint``, ``compare.report.plots``, ...) still import,
+with a ``DeprecationWarning`` that names the new path (``DEPRECATED_MODULES``, at the end).
 """
 
 from __future__ import annotations
@@ -33,10 +42,14 @@ __all__ = [
     "masks",
     "optimizers",
     "records",
+    "suite",
     "registry",
     "report",
     "transfer",
 ]
+
+
+# --- module paths that moved: imported with a DeprecationWarning -------------------------
 
 # old module -> the new module(s) whose public names it re-exports, searched in order
 DEPRECATED_MODULES: dict[str, tuple[str, ...]] = {
@@ -98,7 +111,7 @@ class _DeprecatedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec):
         targets = DEPRECATED_MODULES[spec.name]
         warnings.warn(
-            f"{spec.name} moved to {' and '.join(targets)} in compare 0.2; the old path goes away in 0.3",
+            f"{spec.name} moved to {' and '.join(targets)}; the old path goes away in a later release (CHANGELOG.md)",
             DeprecationWarning,
             stacklevel=2,
         )
