@@ -42,9 +42,9 @@ __all__ = [
     "masks",
     "optimizers",
     "records",
-    "suite",
     "registry",
     "report",
+    "suite",
     "transfer",
 ]
 
