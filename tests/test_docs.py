@@ -117,3 +117,13 @@ def test_the_cli_page_names_every_option_of_every_command():
         options = {o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
         missing = sorted(o for o in options if f"`{o}" not in cli and f"{o} " not in cli and f"[{o}" not in cli)
         assert not missing, f"{name}: {missing} not in docs/cli.md"
+
+
+def test_every_relative_link_of_the_readme_and_the_docs_resolves():
+    pages = [ROOT / "README.md", ROOT / "SEMANTICS.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
