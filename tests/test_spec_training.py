@@ -122,7 +122,7 @@ def test_an_optax_optimizer_over_the_whole_linen_variables_decays_the_batch_stat
         return optax.apply_updates(variables, opt_updates)["batch_stats"]
 
     decayed = step(optax.adamw(0.5, weight_decay=0.1))
-    for key in ("mean", "var"):
+    for key in ("mean", "var"):  # measured 6e-8 (one float32 rounding)
         np.testing.assert_allclose(decayed[key], 0.95 * variables["batch_stats"][key], rtol=1e-6, atol=1e-7)
 
     def only_params(tree):
