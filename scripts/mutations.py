@@ -1,16 +1,11 @@
-"""The mutations the spec tests must catch, and the pytest plugin that applies one of them.
+"""The mutations the spec tests must catch: one declarative entry per change.
 
-One entry per changed library behaviour (or expected value): the fact it attacks, the test
-that states the fact (a function: all its parameter sets run), the change in words, the
-change itself (a function of a ``pytest.MonkeyPatch``), and what the failure must look
-like. Nothing is edited on disk: ``scripts/mutate.py`` runs
-
-    SPEC_MUTANT=<name> python -m pytest -p mutations <test>     (scripts/ on sys.path)
-
-and this module, loaded as a plugin, applies the named mutation before every test of that
-run (undone after each) and writes what failed, and how, to ``SPEC_MUTANT_REPORT``. A
-mutation is caught when the test fails with the expected kind of error: an assertion, a
-``pytest.raises`` that did not raise, or the ``expect`` pattern of the entry.
+An entry names the fact it attacks, the test that states the fact (a test function: its
+parameter sets run, or those whose id contains ``select``), the change in words, the
+change itself (a function of a ``pytest.MonkeyPatch``: a library behaviour, or the test's
+expected value) and what the failure must look like (``expect``). ``scripts/mutate.py``
+applies each through a pytest plugin, runs the test and expects it to fail that way.
+Nothing is edited on disk, and every change is undone after its test.
 
 The library modules are imported inside the mutation functions, so listing the table
 (``python scripts/mutate.py --list``) imports neither torch nor jax.
@@ -19,8 +14,6 @@ The library modules are imported inside the mutation functions, so listing the t
 from __future__ import annotations
 
 import importlib
-import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,7 +33,7 @@ class Mutation:
     what: str
     apply: Callable[[pytest.MonkeyPatch], None]
     expect: str = ASSERTION
-    select: str | None = None  # a ``-k`` expression: the parameter sets worth running
+    select: str | None = None  # run only the parameter sets whose id contains this
 
 
 # --- Flax dropout ------------------------------------------------------------------------
@@ -581,33 +574,3 @@ MUTATIONS = [
 ]
 BY_NAME = {m.name: m for m in MUTATIONS}
 assert len(BY_NAME) == len(MUTATIONS), "two mutations share a name"
-
-
-# --- the plugin ---------------------------------------------------------------------------
-
-_applied: list[str] = []
-_failures: list[dict] = []
-
-
-@pytest.fixture(autouse=True)
-def _spec_mutant(request, monkeypatch):
-    name = os.environ.get("SPEC_MUTANT")
-    if name:
-        BY_NAME[name].apply(monkeypatch)
-        _applied.append(request.node.nodeid)
-    yield
-
-
-def pytest_runtest_logreport(report):
-    if report.failed:
-        crash = getattr(report.longrepr, "reprcrash", None)
-        _failures.append(
-            {"test": report.nodeid, "when": report.when, "message": crash.message if crash else str(report.longrepr)}
-        )
-
-
-def pytest_sessionfinish(session, exitstatus):
-    path = os.environ.get("SPEC_MUTANT_REPORT")
-    if path:
-        with open(path, "w") as f:
-            json.dump({"applied": _applied, "failures": _failures, "exitstatus": int(exitstatus)}, f)

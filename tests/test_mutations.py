@@ -42,3 +42,21 @@ def test_every_mutated_test_lists_what_it_catches():
                 docs[f"tests/{path.name}::{node.name}"] = ast.get_docstring(node) or ""
     silent = sorted({m.test for m in mutations.MUTATIONS if "Catches:" not in docs.get(m.test, "")})
     assert silent == []
+
+
+def test_a_mutation_is_caught_only_by_the_expected_failure_of_its_test():
+    """The runner's verdict: a pass is a survivor; a failure of another kind (a crash in
+    setup, a TypeError from a broken mutation) is an error, not a catch."""
+    import mutate
+
+    m = mutations.BY_NAME["nnx-state-copies"]
+
+    def outcome(outcome, message="", when="call"):
+        return {"mutant": m.name, "test": m.test, "when": when, "outcome": outcome, "message": message}
+
+    assert mutate.verdict(m, [outcome("failed", "assert np.False_")])[0] == "caught"
+    assert mutate.verdict(m, [outcome("failed", "AssertionError: \nNot equal")])[0] == "caught"
+    assert mutate.verdict(m, [outcome("passed")])[0] == "SURVIVED"
+    assert mutate.verdict(m, [])[0] == "ERROR"
+    assert mutate.verdict(m, [outcome("failed", "TypeError: bad mutation")])[0] == "ERROR"
+    assert mutate.verdict(m, [outcome("failed", "AssertionError", when="setup")])[0] == "ERROR"
