@@ -6,6 +6,7 @@ from __future__ import annotations
 import flax
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch._inductor.config as inductor_config
 from flax import linen as nn
 from flax import nnx
 from frameworks import FRAMEWORKS
+from packaging.version import Version
 
 import flaxbn
 
@@ -64,33 +66,56 @@ def test_flaxbn_rejects_a_rate_outside_0_1_when_the_model_is_built():
         flaxbn.CNNConfig(dropout2d=-0.1)
 
 
+def jax_divides_eagerly() -> bool:
+    """Flax writes ``inputs / keep_prob`` (every version), and XLA rewrites a division by a
+    scalar into a product with its reciprocal: for a compile-time constant (``jax.jit``) in
+    every version, for a runtime scalar only from jaxlib 0.10.1 (XLA ships in jaxlib). Run
+    eagerly, the Python float is a runtime scalar, so before jaxlib 0.10.1 eager Flax
+    divides (checked: 0.8.1, 0.9.2, 0.10.0) and from it multiplies (0.10.1, 0.10.2)."""
+    return Version(jaxlib.__version__).release < (0, 10, 1)
+
+
+def _flax_dropout_jitted(fw: str, x: np.ndarray, rate: float, seed: int = 0) -> np.ndarray:
+    """``dropout(fw, x, rate)`` with the Flax call inside ``jax.jit`` / ``nnx.jit``."""
+    if fw == "linen":
+        apply = jax.jit(lambda x, key: nn.Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": key}))
+        return np.asarray(apply(jnp.asarray(x), jax.random.key(seed)))
+    layer = nnx.Dropout(rate, rngs=nnx.Rngs(dropout=seed))
+    return np.asarray(nnx.jit(lambda layer, x: layer(x))(layer, jnp.asarray(x)))
+
+
 @spec("dropout.inverted_scaling")
-@pytest.mark.parametrize("rate", [0.1, 0.25, 0.3, 0.5, 0.7])
-def test_kept_units_are_scaled_by_one_over_keep_by_a_product_or_a_quotient_as_the_versions_decide(
-    rate, record_property
+@pytest.mark.parametrize("rate", [0.1, 0.25, 0.3, 0.7])
+@pytest.mark.parametrize(
+    ("fw", "jit"),
+    [
+        pytest.param(fw, jit, id=f"{fw}-{'jit' if jit else 'eager'}")
+        for fw, jit in [("torch", False), ("linen", False), ("linen", True), ("nnx", False), ("nnx", True)]
+    ],
+)
+def test_kept_units_are_multiplied_by_one_over_keep_except_eager_flax_before_jaxlib_0_10_1_which_divides(
+    fw, jit, rate, record_property
 ):
     """Kept units are scaled by 1/(1-p), dropped ones are exactly 0. torch multiplies by
-    float32(1/(1-p)). Flax writes x / keep, and which one it computes depends on the
-    installed versions: jax 0.10.2 + flax 0.12.8 multiply by the reciprocal (bit-identical to
-    torch), jax 0.8.1 + flax 0.12.4 divide (the correctly rounded quotient, which differs
-    from torch's in the last bit for p = 0.1, 0.25, 0.3, 0.7). The test checks that each side
-    is exactly one of the two, and records which (the spec record's ``detail``)."""
+    float32(1/(1-p)); Flax computes ``inputs / keep_prob``, which is the same product under
+    ``jax.jit`` (XLA rewrites a division by a constant) and eagerly from jaxlib 0.10.1 (XLA
+    then rewrites a division by any scalar), and the correctly rounded quotient eagerly
+    before (``jax_divides_eagerly``). For these rates the two differ in the last bit
+    for 10% to 34% of the values, so each case is checked bit for bit against the rule for
+    the installed jax, under jit and eagerly; the record says which rule applied.
+
+    Catches: Flax computing a true division (a full-size runtime divisor XLA cannot rewrite),
+    eagerly or under jit; the expected eager rule flipped; torch dividing."""
     x = np.random.default_rng(0).uniform(1, 2, (64, 64)).astype(np.float32)
     multiplied, divided = x * np.float32(1 / (1 - rate)), x / np.float32(1 - rate)
-    branches = {}
-    for fw in FRAMEWORKS:
-        y = dropout(fw, x, rate)
-        kept = y != 0
-        assert 0 < kept.sum() < kept.size and np.all(y[~kept] == 0.0)
-        if np.array_equal(y[kept], multiplied[kept]):
-            branches[fw] = "x * (1/keep)"
-        elif np.array_equal(y[kept], divided[kept]):
-            branches[fw] = "x / keep"
-        else:
-            raise AssertionError(f"{fw}: kept values are neither x * (1/keep) nor x / keep exactly")
-    assert branches["torch"] == "x * (1/keep)"
-    assert branches["linen"] == branches["nnx"]  # one Flax implementation
-    record_property("branch", f"Flax computes {branches['linen']}; torch x * (1/keep)")
+    assert (multiplied != divided).mean() > 0.05  # the rates where the two roundings part
+    y = _flax_dropout_jitted(fw, x, rate) if jit else dropout(fw, x, rate)
+    kept = y != 0
+    assert 0 < kept.sum() < kept.size and np.all(y[~kept] == 0.0)
+    rule = "x / keep" if fw != "torch" and not jit and jax_divides_eagerly() else "x * (1/keep)"
+    record_property("branch", f"{fw}{' under jit' if jit else ''}: {rule} (jaxlib {jaxlib.__version__})")
+    want = divided if rule == "x / keep" else multiplied
+    np.testing.assert_array_equal(y[kept], want[kept], err_msg=f"{fw}: kept values are not exactly {rule}")
 
 
 @spec("dropout.eval_is_identity")
@@ -110,12 +135,48 @@ def test_rate_0_is_the_identity_in_training(fw):
 @spec("dropout.p1_zeroes_torch_keeps_nan_flax_does_not")
 @pytest.mark.parametrize("fw", FRAMEWORKS)
 def test_rate_1_gives_zeros_but_torch_multiplies_so_inf_and_nan_become_nan(fw):
+    """(At any rate a dropped inf becomes NaN in torch: ``dropout.torch.dropped_inf_becomes_nan_at_any_rate``.)"""
     x = np.array([[1.0, np.inf, np.nan, -2.0]], np.float32)
     y = dropout(fw, x, 1.0)
     if fw == "torch":
         np.testing.assert_array_equal(y, [[0.0, np.nan, np.nan, 0.0]])  # x * 0
     else:
         np.testing.assert_array_equal(y, np.zeros((1, 4)))  # zeros_like: "prevent gradient NaNs"
+
+
+@spec("dropout.torch.dropped_inf_becomes_nan_at_any_rate")
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.9])
+def test_torch_turns_a_dropped_inf_into_nan_at_any_rate_and_flax_into_zero(fw, rate):
+    """torch multiplies by the scaled mask, so a dropped +-inf is inf * 0 = NaN at every rate,
+    not only at p = 1 (a non-finite activation that dropout was expected to remove comes out
+    NaN and poisons the loss); Flax selects ``zeros_like`` for dropped units: 0.
+
+    Catches: torch selecting instead of multiplying (``torch.where(mask, x * scale, 0)``);
+    Flax multiplying ``x * mask / keep``."""
+    x = np.tile(np.array([np.inf, -np.inf], np.float32), (256, 1))
+    y = dropout(fw, x, rate, seed=1)
+    kept = np.isinf(y)
+    assert 0 < kept.sum() < kept.size
+    np.testing.assert_array_equal(y[kept], x[kept])
+    dropped = y[~kept]
+    assert np.isnan(dropped).all() if fw == "torch" else np.all(dropped == 0.0)
+
+
+@spec("dropout.dropped_negative_is_minus_zero_in_torch_plus_zero_in_flax")
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_a_dropped_negative_value_is_minus_zero_in_torch_and_plus_zero_in_flax(fw):
+    """torch's ``x * 0`` keeps the sign of a negative x: -0.0; Flax's ``zeros_like`` is +0.0.
+    Equal as numbers, but not bit for bit (``np.array_equal`` on ``view(np.uint32)``, hashes,
+    ``copysign``, ``1 / y``): a bitwise comparison of masked outputs across the frameworks
+    must compare values, not bytes.
+
+    Catches: torch selecting zeros for dropped units; Flax multiplying by the mask."""
+    x = np.full((64, 64), -2.0, np.float32)
+    y = dropout(fw, x, 0.5, seed=2)
+    dropped = y == 0
+    assert 0 < dropped.sum() < dropped.size
+    assert np.signbit(y[dropped]).all() if fw == "torch" else not np.signbit(y[dropped]).any()
 
 
 @spec("dropout.keep_rate_within_binomial_bounds")
