@@ -28,8 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from compare.bench.suite import BENCH
 from compare.checks.suites import DISTRIBUTED, EQUIVALENCE, SPEC
 from compare.experiments.suite import TRAIN
-from compare.report import console as console_report
-from compare.report import figures, results
+from compare.report import console, figures, results
 from compare.suite import resolve_device
 
 SUITES = {s.name: s for s in (EQUIVALENCE, SPEC, BENCH, TRAIN, DISTRIBUTED)}
@@ -82,14 +81,14 @@ def _check_stop() -> None:
         raise Stopped(_STOP_REQUESTS[0])
 
 
-def _run_suites(args, console: Console, saved: results.Results) -> None:
+def _run_suites(args, terminal: Console, saved: results.Results) -> None:
     done = set(saved.data["meta"].get("suites_done", []))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as bar:
+    with Progress(*columns, console=terminal) as bar:
         for name in args.suites:
             _check_stop()
             if name in done:
-                console.print(f"{name}: already in {args.resume}, not run again")
+                terminal.print(f"{name}: already in {args.resume}, not run again")
                 continue
             task = bar.add_task(name, total=None)
 
@@ -112,18 +111,18 @@ def _run_suites(args, console: Console, saved: results.Results) -> None:
     saved.data["meta"].pop("running", None)
 
 
-def _stopped(e: BaseException, saved: results.Results, console: Console, args) -> int:
+def _stopped(e: BaseException, saved: results.Results, terminal: Console, args) -> int:
     """Marks the run as stopped (by what, during which suite); returns the exit status."""
     name = str(e) if isinstance(e, Stopped) else "SIGINT"
     _STOP_REQUESTS.clear()  # handled: the figures are still drawn, and a new request stops those
     saved.data["meta"]["stopped"] = f"{name} during {saved.data['meta'].pop('running', 'the report')}"
-    console.print(f"[yellow]stopped by {name}: results so far in {args.out}[/yellow]")
+    terminal.print(f"[yellow]stopped by {name}: results so far in {args.out}[/yellow]")
     return 128 + signal.Signals[name].value
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    console = Console() if sys.stdout.isatty() else Console(width=120)
+    terminal = Console() if sys.stdout.isatty() else Console(width=120)
     meta = results.meta(args.device)
     data = {"meta": meta} if args.resume is None else results.resumed(args.resume, meta)
     saved = results.Results(args.out, data)
@@ -132,18 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         try:
-            _run_suites(args, console, saved)
+            _run_suites(args, terminal, saved)
         except (Stopped, KeyboardInterrupt) as e:
-            status = _stopped(e, saved, console, args)
+            status = _stopped(e, saved, terminal, args)
         try:
             _check_stop()
             figures.draw_all(saved.data, args.out)
         except (Stopped, KeyboardInterrupt) as e:  # while drawing: the measurements are already saved
-            status = _stopped(e, saved, console, args)
+            status = _stopped(e, saved, terminal, args)
         saved.save()
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return status or console_report.finish(saved.data, console, args.out)
+    return status or console.finish(saved.data, terminal, args.out)
 
 
 if __name__ == "__main__":
