@@ -143,7 +143,11 @@ def test_the_safetensors_library_temporaries_are_never_made_and_old_ones_are_cle
 def test_our_safetensors_files_are_read_by_the_library_and_its_files_by_us(tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    arrays = {"b": np.arange(6, dtype=np.int64).reshape(2, 3), "a": np.array(1.5, np.float32), "e": np.zeros((0, 4), np.float16)}
+    arrays = {
+        "b": np.arange(6, dtype=np.int64).reshape(2, 3),
+        "a": np.array(1.5, np.float32),
+        "e": np.zeros((0, 4), np.float16),
+    }
     checkpoint.write_arrays(tmp_path / "ours.safetensors", arrays, {"k": "v"})
     theirs = load_file(str(tmp_path / "ours.safetensors"))
     save_file(arrays, str(tmp_path / "theirs.safetensors"), metadata={"k": "v"})

@@ -328,7 +328,11 @@ def read_flax(path: str | Path) -> tuple[dict[str, np.ndarray], ModelSpec]:
             f"{path}: not a Flax weights file of this project (format "
             f"{limits.printable(repr(metadata.get('format')), 80)}, expected {FORMAT!r})"
         )
-    return flat, spec_from_header(metadata, Path(path))
+    spec = spec_from_header(metadata, Path(path))
+    tensors = len(transfer.plan(spec))  # from a build on the meta device: nothing allocated, nothing traced
+    if len(flat) < tensors:  # before the Flax template is traced, whose work grows with the model
+        raise CheckpointError(f"{path}: its header describes a model of {tensors:,} tensors; it holds {len(flat):,}")
+    return flat, spec
 
 
 def spec_from_header(metadata: Mapping[str, str], path: Path) -> ModelSpec:

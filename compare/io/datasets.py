@@ -53,28 +53,42 @@ def _read_bounded(path: Path) -> bytes | bytearray:
 
 
 def _inflate(f, size: int) -> bytearray:
-    """A gzip stream (one member or more), inflated chunk by chunk within the budget."""
+    """A gzip stream (one member or more), inflated twice: once to count its bytes within
+    the budget, holding nothing, then into a buffer of exactly that size."""
     room = min(limits.limit("MAX_DATASET_BYTES"), limits.memory_budget(size))
-    out, inflate = bytearray(), zlib.decompressobj(16 + zlib.MAX_WBITS)
+    total = _gunzip(f, room, None)
+    out = bytearray(total)
+    f.seek(0)
+    _gunzip(f, room, memoryview(out))
+    return out
+
+
+def _gunzip(f, room: int, out: memoryview | None) -> int:
+    at, inflate = 0, zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing
     try:
         while chunk := f.read(1 << 20):
             while chunk:
                 if inflate.eof:  # another gzip member follows
                     inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                out += inflate.decompress(chunk, room + 1 - len(out))
-                if len(out) > room:
+                piece = inflate.decompress(chunk, min(1 << 20, room + 1 - at))
+                if at + len(piece) > room:
                     raise limits.BudgetError(
                         f"inflates to more than {room:,} bytes: the budget of a .gz file is the lesser of "
                         f"MAX_DATASET_BYTES and twice its size plus MEMORY_SLACK_BYTES (raise them with the "
                         f"environment variables {limits.ENV_PREFIX}MAX_DATASET_BYTES and "
                         f"{limits.ENV_PREFIX}MEMORY_SLACK_BYTES)"
                     )
+                if out is not None:
+                    if at + len(piece) > len(out):
+                        raise limits.LimitError("the file changed while being read")
+                    out[at : at + len(piece)] = piece
+                at += len(piece)
                 chunk = inflate.unconsumed_tail or (inflate.unused_data if inflate.eof else b"")
     except zlib.error as e:
         raise limits.LimitError(f"not a valid gzip file ({e})") from None
     if not inflate.eof:
         raise limits.LimitError("not a valid gzip file (the compressed stream is truncated)")
-    return out
+    return at
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -58,9 +58,10 @@ def read(path: str | Path) -> dict[str, Any]:
         raise ResultsFileError(f"{path}: cannot read it ({e.strerror or e})") from None
     found = problems(data)
     if found:
-        raise ResultsFileError(
-            f"{path}: does not fit the results schema: {len(found):,} problem(s): " + limits.summary(found)
-        )
+        shown, more = limits.limit("MAX_ERRORS_SHOWN"), found.total - min(len(found), limits.limit("MAX_ERRORS_SHOWN"))
+        head = "; ".join(found[:shown]) + (f"; ... and {more:,} more" if more else "")
+        total = f"{found.total:,}{' or more' if found.stopped else ''}"
+        raise ResultsFileError(f"{path}: does not fit the results schema: {total} problem(s): {head}")
     return data
 
 
@@ -81,55 +82,62 @@ def check_folder(folder: str | Path) -> None:
         raise ResultsFileError(f"{folder}: cannot read it ({e.strerror or e})") from None
 
 
-def problems(data: Any) -> list[str]:
-    """Every way ``data`` does not fit the schema, each naming the field."""
+def problems(data: Any) -> Problems:
+    """Every way ``data`` does not fit the schema, each naming the field (the first 100 kept)."""
+    found = Problems()
     if not isinstance(data, dict):
-        return [f"the top level is {_what(data)}, expected an object with 'meta' and one list per suite"]
+        return found.add([f"the top level is {_what(data)}, expected an object with 'meta' and one list per suite"])
     meta = data.get("meta")
     if not isinstance(meta, dict):
-        return [f"meta: {'missing' if meta is None else 'is ' + _what(meta)}, expected an object"]
+        return found.add([f"meta: {'missing' if meta is None else 'is ' + _what(meta)}, expected an object"])
     version = meta.get("schema_version", 1)
     if type(version) is int and version > records.SCHEMA_VERSION:
-        return [
+        return found.add([
             f"meta.schema_version is {version}: written by a newer version of this project (this one reads "
             f"schemas 1 to {records.SCHEMA_VERSION}); update the project to read it"
-        ]
-    found = _fields(meta, META, "meta", required=())
+        ])  # fmt: skip
+    found.add(_fields(meta, META, "meta", required=()))
     if type(version) is int and version < 1:
-        found.append(f"meta.schema_version: {version}, expected 1 to {records.SCHEMA_VERSION}")
-    found += _fields(meta.get("bench_settings", {}), BENCH_SETTINGS, "meta.bench_settings", required=())
-    found += _summary(meta.get("train_summary", {}))
-    found += [f"meta: a string with control characters ({limits.printable(repr(s), 60)})" for s in _bad_text(meta)]
+        found.add([f"meta.schema_version: {version}, expected 1 to {records.SCHEMA_VERSION}"])
+    found.add(_fields(meta.get("bench_settings", {}), BENCH_SETTINGS, "meta.bench_settings", required=()))
+    found.add([f"meta: a string with control characters ({limits.printable(repr(s), 60)})" for s in _bad_text(meta)])
+    summary = meta.get("train_summary") if isinstance(meta.get("train_summary"), dict) else {}
+    claims = summary.get("claims", [])
+    new = isinstance(claims, list) and any(isinstance(c, dict) and "verdict" in c for c in claims)
+    lists = {
+        "meta.train_summary.claims": (claims, (records.Claim,) if new else OLD_CLAIM),
+        "meta.train_summary.framework_agreement": (summary.get("framework_agreement", []), (records.Agreement,)),
+    }
     for key, value in data.items():
         if key == "meta":
             continue
         if key not in LISTS:
-            found.append(f"{limits.printable(repr(key), 60)}: not a list of this schema (known: {', '.join(LISTS)})")
-        elif not isinstance(value, list):
-            found.append(f"{key}: is {_what(value)}, expected a list of records")
+            found.add([f"{limits.printable(repr(key), 60)}: not a list of this schema (known: {', '.join(LISTS)})"])
         else:
-            found += [p for i, r in enumerate(value) for p in _record(r, LISTS[key], f"{key}[{i}]")]
+            lists[key] = (value, LISTS[key])
+    for key, (value, kinds) in lists.items():
+        if not isinstance(value, list):
+            found.add([f"{key}: is {_what(value)}, expected a list of records"])
+            continue
+        for i, r in enumerate(value):
+            if found.total >= 10_000:  # enough to know the file is not results: stop counting
+                found.stopped = True
+                return found
+            where = f"{key}[{i}]"
+            found.add(_fields(r, kinds, where, kinds) if isinstance(kinds, dict) else _record(r, kinds, where))
     return found
 
 
-def _summary(summary: Any) -> list[str]:
-    if not isinstance(summary, dict):
-        return []  # reported by META
-    claims, found = summary.get("claims", []), []
-    if not isinstance(claims, list):
-        return [f"meta.train_summary.claims: is {_what(claims)}, expected a list"]
-    new = any(isinstance(c, dict) and "verdict" in c for c in claims)
-    for i, c in enumerate(claims):
-        where = f"meta.train_summary.claims[{i}]"
-        found += _record(c, (records.Claim,), where) if new else _fields(c, OLD_CLAIM, where, OLD_CLAIM)
-    agreement = summary.get("framework_agreement", [])
-    if not isinstance(agreement, list):
-        return [*found, f"meta.train_summary.framework_agreement: is {_what(agreement)}, expected a list"]
-    return found + [
-        p
-        for i, a in enumerate(agreement)
-        for p in _record(a, (records.Agreement,), f"meta.train_summary.framework_agreement[{i}]")
-    ]
+class Problems(list):
+    """The first problems (up to 100) as a list, and ``total``, how many there are: a file
+    of a million bad records costs a count (which stops at 10,000), not a million messages."""
+
+    total, stopped = 0, False
+
+    def add(self, problems: list[str]) -> Problems:
+        self.total += len(problems)
+        self.extend(problems[: max(0, 100 - len(self))])
+        return self
 
 
 @functools.cache
