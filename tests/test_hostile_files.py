@@ -436,3 +436,23 @@ def test_truncated_flipped_or_extended_files_give_a_clear_error_or_a_read(valid_
         reader(path)
     except EXPECTED as e:
         assert original.name in str(e) or isinstance(e, transfer.TransferError), str(e)
+
+
+# --- the files page keeps the threat model true -------------------------------------------------------
+
+
+def _size(name: str, value: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20)):
+        if name.endswith("_BYTES") and value >= 1 << shift and value % (1 << shift) == 0:
+            return f"{value >> shift} {unit}"
+    return f"{value:,}"
+
+
+def test_the_files_page_lists_every_budget_with_its_default_and_what_it_bounds():
+    page = (ROOT / "docs" / "files.md").read_text()
+    table = page.split("<!-- BEGIN budgets -->\n")[1].split("<!-- END budgets -->")[0]
+    rows = [[c.strip().strip("`") for c in line.strip("|").split("|")] for line in table.strip().splitlines()[2:]]
+    assert rows == [[name, _size(name, getattr(limits, name)), what] for name, what in limits.BUDGETS.items()]
+    assert all(f"BN_PARITY_{name}" in limits.over(name, 1) for name in limits.BUDGETS)
+    for constant in ("MAX_STAGES", "MAX_BLOCKS", "MAX_HIDDEN_LAYERS", "MAX_WIDTH"):  # the fixed sizes, in words
+        assert f"{getattr(limits, constant):,}" in page or str(getattr(limits, constant)) in page, constant
