@@ -1,9 +1,10 @@
 """``python -m compare.convert SRC DST [--model NAME]``: torch weights <-> Flax weights.
 
-* torch -> Flax: SRC is ``.pt``/``.pth`` (read with ``torch.load(weights_only=True)``) or
-  ``.safetensors``; DST is a Flax ``.safetensors`` whose header names the model and its
-  configuration. ``--model`` (a registry name) is required: a state_dict does not say
-  which architecture it is for. Every key and shape is validated against it.
+* torch -> Flax: SRC is ``.pt``/``.pth`` (a ``torch.save`` file, read by this project's own
+  parser, which builds tensors and plain containers only) or ``.safetensors``; DST is a Flax
+  ``.safetensors`` whose header names the model and its configuration. ``--model`` (a
+  registry name) is required: a state_dict does not say which architecture it is for.
+  Every key and shape is validated against it.
 * Flax -> torch: SRC is such a Flax file (it knows its model; ``--model``, if given,
   must agree); DST is ``.safetensors`` or ``.pt``.
 
@@ -16,22 +17,40 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from compare import registry, transfer
-from compare.io import checkpoint, convert
+from compare.io import checkpoint, convert, limits
 
 
-def _problems(error: Exception) -> list[str]:
-    """The error as lines: a TransferError's first line, then one line per problem."""
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return lines or [type(error).__name__]
+def _lines(error: Exception) -> list[str]:
+    """The error for the terminal: one line, or a TransferError's first line and its first
+    problems with how many more; every character that could drive the terminal escaped."""
+    if isinstance(error, transfer.TransferError):
+        shown = limits.limit("MAX_ERRORS_SHOWN")
+        lines = [f"error: {limits.printable(str(error).splitlines()[0], 2000)}"]
+        lines += [f"  - {limits.printable(p, 500)}" for p in error.problems[:shown]]
+        if len(error.problems) > shown:
+            lines.append(f"  ... and {len(error.problems) - shown:,} more")
+        return lines + ([f"  {limits.printable(error.hint, 500)}"] if error.hint else [])
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return [f"error: {limits.printable(text, 4000)}"]
+
+
+def _same_file(src: Path, dst: Path) -> bool:
+    try:
+        a, b = os.stat(src), os.stat(dst)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 converted, 2 bad input (the file, its content or the arguments),
-    1 anything else (a bug: ``--debug`` shows the traceback)."""
+    """Exit status: 0 converted, 2 bad input (the file, its content, the destination or the
+    arguments: one error naming the file), 1 anything else (a bug: ``--debug`` shows the
+    traceback)."""
     parser = argparse.ArgumentParser(prog="python -m compare.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", type=Path)
     parser.add_argument("dst", type=Path)
@@ -39,30 +58,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-nonfinite", action="store_true", help="keep NaN/Inf values instead of refusing them")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    if args.dst.exists() and args.src.exists() and args.src.resolve() == args.dst.resolve():
-        print(f"error: {args.src} and {args.dst} are the same file: the source would be replaced", file=sys.stderr)
+    if _same_file(args.src, args.dst):
+        print(f"error: {limits.printable(args.src)} and {limits.printable(args.dst)} are the same file: "
+              "the source would be replaced", file=sys.stderr)  # fmt: skip
         return 2
     try:
-        if args.src.suffix == ".safetensors" and checkpoint.is_flax_file(args.src):
-            print(convert.flax_file_to_torch(args.src, args.dst, args.model, allow_nonfinite=args.allow_nonfinite))
+        if args.src.suffix == ".safetensors" and checkpoint.read_metadata(args.src).get("format") == checkpoint.FORMAT:
+            done = convert.flax_file_to_torch(args.src, args.dst, args.model, allow_nonfinite=args.allow_nonfinite)
         else:
             if not args.model:
                 parser.error("--model is required for a torch source: a state_dict does not name its architecture")
-            print(convert.torch_file_to_flax(args.src, args.dst, args.model, allow_nonfinite=args.allow_nonfinite))
-    except (checkpoint.CheckpointError, transfer.TransferError, KeyError) as e:
+            done = convert.torch_file_to_flax(args.src, args.dst, args.model, allow_nonfinite=args.allow_nonfinite)
+    except (limits.InputError, transfer.TransferError, KeyError, OSError) as e:
         if args.debug:
             raise
-        for line in _problems(e):
-            print(f"error: {line}" if not line.startswith("  ") else line, file=sys.stderr)
+        print("\n".join(_lines(e)), file=sys.stderr)
         return 2
     except Exception as e:
         if args.debug:
             raise
-        print(
-            f"error: {args.src} -> {args.dst} failed: {type(e).__name__}: {_problems(e)[0]} (--debug for the traceback)",
-            file=sys.stderr,
-        )
+        where = f"{limits.printable(args.src)} -> {limits.printable(args.dst)}"
+        print(f"error: {where} failed: {type(e).__name__}: {_lines(e)[0][7:]} (--debug for the traceback)",
+              file=sys.stderr)  # fmt: skip
         return 1
+    print(limits.printable(done, 4000))
     return 0
 
 

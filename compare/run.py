@@ -28,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from compare.bench.suite import BENCH
 from compare.checks.suites import DISTRIBUTED, EQUIVALENCE, SPEC
 from compare.experiments.suite import TRAIN
+from compare.io import limits
 from compare.report import console, figures, results
 from compare.suite import resolve_device
 
@@ -121,7 +122,17 @@ def _stopped(e: BaseException, saved: results.Results, terminal: Console, args) 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 every check held, 1 one did not, 2 bad input (a file refused: one line
+    that names it), 128 + the signal when stopped."""
     args = parse(argv)
+    try:
+        return _main(args)
+    except limits.InputError as e:  # a results.json, a dataset or a destination refused
+        print(f"error: {limits.printable(e, 4000)}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
     terminal = Console() if sys.stdout.isatty() else Console(width=120)
     meta = results.meta(args.device)
     data = {"meta": meta} if args.resume is None else results.resumed(args.resume, meta)

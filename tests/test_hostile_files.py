@@ -1,8 +1,8 @@
 """Every file reader survives hostile input: a clear error of the project's own type that
 names the file, bounded memory and time, and nothing written or changed. One case per
-class of hostile file; the memory bombs run in a subprocess under an address-space limit,
-so a regression fails there instead of swapping; property tests truncate, flip and extend
-valid files of every format."""
+class of hostile file (the memory bombs run under the issue's budgets in
+test_hostile_budgets.py); property tests truncate, flip and extend valid files of every
+format."""
 
 from __future__ import annotations
 
@@ -11,9 +11,6 @@ import json
 import os
 import pickle
 import struct
-import subprocess
-import sys
-import textwrap
 import time
 import warnings
 import zipfile
@@ -71,7 +68,19 @@ SAFETENSORS_CASES = {
         p, {"w": {"dtype": "F32", "shape": [100000, 100000], "data_offsets": [0, 4]}}, b"\0" * 4
     ),
     "entry_not_an_object": lambda p: _safetensors(p, {"w": [1, 2]}),
+    "header_nested_10000_deep": lambda p: _raw_header(p, b'{"__metadata__": {"a": "b"}, "w": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"),
+    "duplicate_names": lambda p: _raw_header(p, b'{"w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, "w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}', b"\0"),
+    "nan_in_the_header": lambda p: _raw_header(p, b'{"w": {"dtype": "U8", "shape": [NaN], "data_offsets": [0, 1]}}', b"\0"),
+    "escape_sequence_in_a_name": lambda p: _safetensors(p, {"\x1b[32mconverted": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\0"),
+    "gap_between_tensors": lambda p: _safetensors(p, {"w": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}, b"\0\0"),
+    "overlapping_tensors": lambda p: _safetensors(p, {"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}, "b": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}}, b"\0\0"),
+    "a_fifo": lambda p: os.mkfifo(p),
 }  # fmt: skip
+
+
+def _raw_header(path: Path, header: bytes, data: bytes = b"") -> Path:
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
 
 
 @pytest.mark.parametrize("case", SAFETENSORS_CASES)
@@ -79,7 +88,7 @@ SAFETENSORS_CASES = {
 def test_a_malformed_safetensors_file_is_refused_with_its_name_and_nothing_is_written(tmp_path, case, reader, capsys):
     path = tmp_path / "hostile.safetensors"
     SAFETENSORS_CASES[case](path)
-    before = path.read_bytes()
+    before = path.read_bytes() if path.is_file() else None
     t0 = time.perf_counter()
     if reader == "convert":
         assert convert.main([str(path), str(tmp_path / "out.pt"), "--model", "mlp"]) == 2
@@ -89,14 +98,18 @@ def test_a_malformed_safetensors_file_is_refused_with_its_name_and_nothing_is_wr
         with pytest.raises(CheckpointError, match="hostile.safetensors"):
             getattr(checkpoint, reader)(path)
     assert time.perf_counter() - t0 < 5
-    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["hostile.safetensors"]
+    assert (path.read_bytes() if path.is_file() else None) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hostile.safetensors"]
 
 
 def test_too_many_tensors_are_refused_before_reading_them(tmp_path, monkeypatch):
     monkeypatch.setattr(limits, "MAX_TENSORS", 3)
     header = {f"w{i}": {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]} for i in range(4)}
     path = _safetensors(tmp_path / "many.safetensors", header, b"\0" * 4)
-    with pytest.raises(CheckpointError, match=r"many.safetensors: .*4 tensors, more than the limit of 3"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"many.safetensors: refused: tensors: 4, more than the budget of 3 \(MAX_TENSORS; raise it with the environment variable BN_PARITY_MAX_TENSORS\)",
+    ):
         checkpoint.read_arrays(path)
 
 
@@ -115,6 +128,9 @@ CONFIG_CASES = {
     "config_not_an_object": ({"config": "[1, 2]"}, "unreadable"),
     "unknown_config_type": ({"config_type": "os.system"}, "unreadable"),
     "hidden_not_ints": ({"config": json.dumps({"in_features": 6, "hidden": ["8"], "num_classes": 3})}, "hidden"),
+    "config_nested_5000_deep": ({"config": "[" * 5000 + "]" * 5000}, "MAX_JSON_DEPTH"),
+    "input_shape_nested_100_deep": ({"input_shape": "[" * 100 + "]" * 100}, "MAX_JSON_DEPTH"),
+    "config_with_a_huge_int": ({"config": json.dumps({"in_features": 6, "hidden": [8], "num_classes": 3}).replace("3}", "9" * 5000 + "}")}, "unreadable"),
 }  # fmt: skip
 
 
@@ -191,10 +207,11 @@ def test_a_stride_zero_view_is_refused_without_materialising_it(tmp_path):
         checkpoint.read_torch_state_dict(tmp_path / "view.pt")
 
 
-def test_a_highly_compressed_pt_archive_is_refused_before_it_is_unpacked(tmp_path):
+def test_a_compressed_pt_archive_is_refused_before_it_is_unpacked(tmp_path):
+    """torch.save stores its entries; a deflated one (here 256 MB in a few hundred KB) is not its output."""
     _zip_bomb(tmp_path / "bomb.pt")
     assert (tmp_path / "bomb.pt").stat().st_size < 2 << 20
-    with pytest.raises(CheckpointError, match=r"bomb.pt: refused: entry .* more than 20x"):
+    with pytest.raises(CheckpointError, match=r"bomb.pt: not a readable torch checkpoint \(entry .* is compressed"):
         checkpoint.read_torch_state_dict(tmp_path / "bomb.pt")
 
 
@@ -221,18 +238,28 @@ def test_a_destination_that_cannot_be_written_is_a_clear_error(tmp_path, capsys)
     assert "out.safetensors: cannot write there" in err and "Traceback" not in err
 
 
-def test_replacing_a_file_keeps_its_permissions_and_removes_stale_temporary_files(tmp_path):
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o600, 0o444])
+def test_replacing_a_file_keeps_its_permissions_and_removes_stale_temporary_files(tmp_path, mode):
+    """Whatever the mode, also one the safetensors library's own rename would have lost."""
     dst = tmp_path / "w.safetensors"
     dst.write_bytes(b"old")
-    os.chmod(dst, 0o600)
-    stale, fresh = tmp_path / ".w.safetensors.killed.tmp", tmp_path / ".w.safetensors.writing.tmp"
+    os.chmod(dst, mode)
+    stale, fresh = tmp_path / ".w.safetensors.k1lled_x.tmp", tmp_path / ".w.safetensors.wr1ting_.tmp"
     stale.write_bytes(b"x" * 100)
     fresh.write_bytes(b"y")
     old = time.time() - checkpoint.STALE_TMP_SECONDS - 10
     os.utime(stale, (old, old))
     checkpoint.write_flax(transfer.torch_to_flat(random_state_dict(MLP), MLP), MLP, dst)
-    assert dst.stat().st_mode & 0o777 == 0o600
+    assert dst.stat().st_mode & 0o777 == mode
     assert not stale.exists() and fresh.exists()  # another writer's file, still young, is left alone
+    checkpoint.write_torch_state_dict(random_state_dict(MLP), tmp_path / "new.safetensors")
+    assert (tmp_path / "new.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
 
 
 # --- training checkpoints -------------------------------------------------------------------------
@@ -258,14 +285,14 @@ TRAIN_CASES = {
     "unknown_optimizer": ({"optimizer": json.dumps("load")}, "optimizer 'load' is not one of"),
     "hyper_parameter_of_the_wrong_type": (
         {"param_groups": json.dumps([{"lr": {"evil": 1}, "momentum": 0.9, "params": [0, 1, 2, 3]}])},
-        "hyper-parameters of the wrong type: lr",
+        r"param_groups\[0\].lr = .*: out of range or type",
     ),
     "optimizer_buffer_of_the_wrong_shape": (
         {"array:optim/0/momentum_buffer": np.zeros((2, 2), np.float32)},
-        "shape mismatch at 'optim/0/momentum_buffer'",
+        r"optim 0/momentum_buffer: expected float32\[8, 6\], found float32\[2, 2\]",
     ),
-    "rng_state_of_the_wrong_shape": ({"array:rng/torch": np.zeros(3, np.uint8)}, "rng/torch: expected uint8"),
-    "header_not_json": ({"param_groups": "{"}, "unreadable"),
+    "rng_state_of_the_wrong_shape": ({"array:rng/torch": np.zeros(3, np.uint8)}, "rng/torch: expected a valid uint8"),
+    "header_not_json": ({"param_groups": "{"}, "header entry 'param_groups' is not valid JSON"),
 }
 
 
@@ -312,7 +339,7 @@ DATA_CASES = {
     "cifar_object_array": (lambda p: _cifar(p, {b"data": np.array([[None] * 3072], dtype=object), b"labels": [0]}), "read_cifar_batch", "only numbers"),
     "cifar_labels_out_of_range": (lambda p: _cifar(p, {b"data": np.zeros((1, 3072), np.uint8), b"labels": [10]}), "read_cifar_batch", "labels from 10 to 10, expected 0 to 9"),
     "cifar_labels_not_ints": (lambda p: _cifar(p, {b"data": np.zeros((1, 3072), np.uint8), b"labels": ["0"]}), "read_cifar_batch", "list of ints"),
-    "cifar_array_larger_than_its_bytes": (_huge_array_pickle, "read_cifar_batch", "an array of shape"),
+    "cifar_array_larger_than_its_bytes": (_huge_array_pickle, "read_cifar_batch", "refused: bytes of one array: 3,072,000,000,000"),
 }  # fmt: skip
 
 
@@ -341,60 +368,6 @@ def test_idx_labels_outside_the_ten_classes_are_refused(tmp_path):
         (tmp_path / f"{split}-labels-idx1-ubyte").write_bytes(_idx((n,), bytes([0] * (n - 1) + [12])))
     with pytest.raises(DataError, match=r"train-labels-idx1-ubyte: labels from 0 to 12, expected 0 to 9"):
         data.load("mnist", tmp_path)
-
-
-# --- the memory bombs, under a limit --------------------------------------------------------------
-
-
-def test_memory_bombs_are_refused_within_a_small_address_space(tmp_path):
-    """Each tiny file would make a careless reader allocate gigabytes. In a subprocess whose
-    address space may grow by only 1.5 GiB past what its imports took, each must end in the
-    project's own error, quickly (a MemoryError or a kill fails the test)."""
-    paths = {
-        "input_shape": _flax_file(tmp_path / "shape.safetensors", input_shape=json.dumps([1_000_000_000])),
-        "blocks": _flax_file(
-            tmp_path / "blocks.safetensors",
-            config_type="ResNetConfig",
-            config=_resnet_config(layers=[30000, 2]),
-            input_shape="[3, 32, 32]",
-        ),
-        "view": tmp_path / "view.pt",
-        "bomb": tmp_path / "bomb.pt",
-        "cifar": _huge_array_pickle(tmp_path / "cifar_batch"),
-    }
-    _stride0_view(paths["view"])
-    _zip_bomb(paths["bomb"])
-    code = textwrap.dedent(
-        f"""
-        import json, resource, time
-        from pathlib import Path
-        from compare.io import checkpoint
-        from compare.experiments import data
-        vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize"))
-        resource.setrlimit(resource.RLIMIT_AS, (vm + (3 << 29), vm + (3 << 29)))
-        paths = {json.dumps({k: str(v) for k, v in paths.items()})}
-        readers = {{"input_shape": checkpoint.read_flax, "blocks": checkpoint.read_flax,
-                   "view": checkpoint.read_torch_state_dict, "bomb": checkpoint.read_torch_state_dict,
-                   "cifar": data.read_cifar_batch}}
-        out = {{}}
-        for name, path in paths.items():
-            t0 = time.perf_counter()
-            try:
-                readers[name](Path(path))
-                out[name] = "read"
-            except Exception as e:
-                out[name] = [type(e).__name__, str(e)[:300], time.perf_counter() - t0]
-        print(json.dumps(out))
-        """
-    )
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
-    for name, path in paths.items():
-        kind, message, seconds = results[name]
-        assert kind in ("CheckpointError", "DataError"), (name, kind, message)
-        assert path.name in message and seconds < 10, (name, message, seconds)
 
 
 # --- property tests: truncated, flipped and extended files --------------------------------------------
@@ -438,7 +411,7 @@ def valid_files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("fmt", ["flax", "pt", "torch_safetensors", "idx", "idx_gz", "cifar", "linen_state"])
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     edit=st.tuples(
         st.sampled_from(["truncate", "flip", "extend"]), st.floats(0, 1), st.integers(0, 7), st.binary(max_size=64)
@@ -463,3 +436,23 @@ def test_truncated_flipped_or_extended_files_give_a_clear_error_or_a_read(valid_
         reader(path)
     except EXPECTED as e:
         assert original.name in str(e) or isinstance(e, transfer.TransferError), str(e)
+
+
+# --- the files page keeps the threat model true -------------------------------------------------------
+
+
+def _size(name: str, value: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20)):
+        if name.endswith("_BYTES") and value >= 1 << shift and value % (1 << shift) == 0:
+            return f"{value >> shift} {unit}"
+    return f"{value:,}"
+
+
+def test_the_files_page_lists_every_budget_with_its_default_and_what_it_bounds():
+    page = (ROOT / "docs" / "files.md").read_text()
+    table = page.split("<!-- BEGIN budgets -->\n")[1].split("<!-- END budgets -->")[0]
+    rows = [[c.strip().strip("`") for c in line.strip("|").split("|")] for line in table.strip().splitlines()[2:]]
+    assert rows == [[name, _size(name, getattr(limits, name)), what] for name, what in limits.BUDGETS.items()]
+    assert all(f"BN_PARITY_{name}" in limits.over(name, 1) for name in limits.BUDGETS)
+    for constant in ("MAX_STAGES", "MAX_BLOCKS", "MAX_HIDDEN_LAYERS", "MAX_WIDTH"):  # the fixed sizes, in words
+        assert f"{getattr(limits, constant):,}" in page or str(getattr(limits, constant)) in page, constant

@@ -14,23 +14,21 @@ standard deviation of the *training* split only.
 from __future__ import annotations
 
 import dataclasses
-import io
-import math
-import pickle
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 
-from compare.io.limits import MAX_DATASET_BYTES
+from compare.io.datasets import (  # the readers of untrusted files live in io  # noqa: F401
+    DataError,
+    _check_labels,
+    _find,
+    _read_bounded,
+    read_cifar_batch,
+    read_idx,
+)
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
-
-
-class DataError(ValueError):
-    """A dataset file that is missing or not in the expected format; names the file."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,58 +77,6 @@ _IDX_FILES = {
 }
 
 
-def _find(data_dir: Path, stem: str) -> Path:
-    for candidate in (data_dir / stem, data_dir / f"{stem}.gz"):
-        if candidate.is_file():
-            return candidate
-    raise DataError(f"missing file: expected {data_dir / stem} or {data_dir / stem}.gz")
-
-
-def _read_bounded(path: Path) -> bytes:
-    """The file's bytes (decompressed for ``.gz``), refused past ``MAX_DATASET_BYTES``
-    before that much is held in memory."""
-    try:
-        if path.stat().st_size > MAX_DATASET_BYTES:
-            raise DataError(f"{path}: {path.stat().st_size} bytes, more than the limit of {MAX_DATASET_BYTES}")
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
-    if path.suffix != ".gz":
-        return raw
-    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing
-    try:
-        out = inflate.decompress(raw, MAX_DATASET_BYTES + 1)
-    except zlib.error as e:
-        raise DataError(f"{path}: not a valid gzip file ({e})") from None
-    if len(out) > MAX_DATASET_BYTES:
-        raise DataError(f"{path}: unpacks to more than the limit of {MAX_DATASET_BYTES} bytes")
-    if not inflate.eof:
-        raise DataError(f"{path}: not a valid gzip file (the compressed stream is truncated)")
-    return out
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """One IDX file (gzipped or not): magic 0x0803 (images, 3 dims) or 0x0801 (labels)."""
-    raw = _read_bounded(path)
-    if len(raw) < 4:
-        raise DataError(f"{path}: {len(raw)} bytes, too short for an IDX header")
-    zero, dtype_code, ndim = raw[0] << 8 | raw[1], raw[2], raw[3]
-    if zero != 0 or dtype_code != 0x08 or ndim not in (1, 3):
-        raise DataError(
-            f"{path}: wrong magic number 0x{raw[:4].hex()}: expected 0x00000801 (labels) or 0x00000803 (images)"
-        )
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated header ({len(raw)} bytes, expected {header})")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    if math.prod(shape) > MAX_DATASET_BYTES:
-        raise DataError(f"{path}: declares an array of shape {shape}, more than the limit of {MAX_DATASET_BYTES} bytes")
-    expected = header + math.prod(shape)
-    if len(raw) != expected:
-        raise DataError(f"{path}: {len(raw)} bytes, expected {expected} for an array of shape {shape} (truncated?)")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
-
-
 def idx_dataset(name: str, data_dir: Path) -> Dataset:
     arrays = {key: read_idx(_find(data_dir, stem)) for key, stem in _IDX_FILES.items()}
     for split in ("train", "test"):
@@ -150,80 +96,6 @@ def idx_dataset(name: str, data_dir: Path) -> Dataset:
 
 
 # --- CIFAR-10 python batches ----------------------------------------------------------------
-
-
-def _check_labels(path: Path, labels: np.ndarray, num_classes: int) -> None:
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise DataError(f"{path}: labels from {labels.min()} to {labels.max()}, expected 0 to {num_classes - 1}")
-
-
-def _checked_build(unpickler: pickle._Unpickler) -> None:
-    """BUILD for a numpy array: its declared shape and dtype are checked against its bytes
-    and the limit before numpy allocates anything; object arrays are refused."""
-    state = unpickler.stack[-1]
-    inst = unpickler.stack[-2]
-    if isinstance(inst, np.ndarray):
-        if not (isinstance(state, tuple) and len(state) == 5):
-            raise pickle.UnpicklingError(f"an array state of {type(state).__name__}")
-        _, shape, dtype, _, data = state
-        if not (isinstance(shape, tuple) and all(type(d) is int and d >= 0 for d in shape)):
-            raise pickle.UnpicklingError(f"array shape {shape!r}")
-        if not isinstance(dtype, np.dtype) or dtype.hasobject or dtype.kind not in "biuf":
-            raise pickle.UnpicklingError(f"array dtype {dtype!r}: only numbers are allowed")
-        size = math.prod(shape) * dtype.itemsize
-        if size > MAX_DATASET_BYTES or not isinstance(data, bytes) or len(data) != size:
-            raise pickle.UnpicklingError(
-                f"an array of shape {shape} {dtype} over {len(data) if isinstance(data, bytes) else '?'} bytes"
-            )
-    pickle._Unpickler.load_build(unpickler)
-
-
-class _NumpyOnlyUnpickler(pickle._Unpickler):
-    """CIFAR's batches are pickles. This unpickler builds only plain containers and
-    numpy arrays of numbers whose declared size its bytes back; any other global (a
-    function a malicious file would call) is refused. (The pure-Python unpickler, so
-    that the array check runs before numpy allocates.)"""
-
-    dispatch: ClassVar[dict] = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: _checked_build}
-
-    ALLOWED: ClassVar[set[tuple[str, str]]] = {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are allowed")
-
-
-def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(images (N, 3, 32, 32) uint8, labels (N,)) from one CIFAR-10 python batch."""
-    try:
-        batch = _NumpyOnlyUnpickler(io.BytesIO(_read_bounded(path)), encoding="bytes").load()
-    except DataError:
-        raise
-    except Exception as e:  # a hostile pickle can fail in any way; none of it is a bug of ours
-        reason = str(e) if isinstance(e, pickle.UnpicklingError) else f"{type(e).__name__}: {e}"
-        raise DataError(f"{path}: not a CIFAR-10 python batch ({reason})") from None
-    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise DataError(f"{path}: expected a dict with b'data' and b'labels'")
-    data, labels = batch[b"data"], batch[b"labels"]
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8):
-        raise DataError(
-            f"{path}: b'data' must be a uint8 array, got {type(data).__name__} {getattr(data, 'dtype', '')}"
-        )
-    if not (isinstance(labels, list) and all(type(v) is int for v in labels)):
-        raise DataError(f"{path}: b'labels' must be a list of ints")
-    labels = np.asarray(labels, dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
-        raise DataError(f"{path}: data {data.shape} and labels {labels.shape}: expected (N, 3072) and (N,)")
-    _check_labels(path, labels, 10)
-    return data.reshape(-1, 3, 32, 32), labels
 
 
 def cifar10(data_dir: Path) -> Dataset:

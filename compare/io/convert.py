@@ -1,7 +1,8 @@
 """Weights files from one framework to the other: a torch state_dict file (``.pt``/``.pth``
 or ``.safetensors``) to a Flax ``.safetensors`` file whose header names the model, and
-back. Both validate every key and shape (``compare.transfer``) before writing anything;
-the command line is ``python -m compare.convert``."""
+back. Both validate every key and shape (``compare.transfer``) before writing anything,
+and never write over their source (by device and inode); the command line is
+``python -m compare.convert``."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def flax_file_to_torch(src: Path, dst: Path, model: str | None = None, *, allow_
         if model:
             transfer.flat_to_torch(flat, registry.get(model), allow_nonfinite=allow_nonfinite)
         sd = transfer.flat_to_torch(flat, spec, allow_nonfinite=allow_nonfinite)
-    checkpoint.write_torch_state_dict(sd, dst)
+    checkpoint.write_torch_state_dict(sd, dst, not_same_as=[src])
     return f"converted Flax {spec.name} ({len(flat)} arrays) -> torch state_dict ({len(sd)} tensors): {dst}"
 
 
@@ -44,7 +45,7 @@ def torch_file_to_flax(src: Path, dst: Path, model: str, *, allow_nonfinite: boo
     sd = checkpoint.read_torch_state_dict(src)
     with _naming(src):
         flat = transfer.torch_to_flat(sd, spec, allow_nonfinite=allow_nonfinite)
-    checkpoint.write_flax(flat, spec, dst)
+        checkpoint.write_flax(flat, spec, dst, not_same_as=[src])
     n_params = sum(1 for k in flat if k.startswith("params/"))
     return (
         f"converted torch {spec.name} ({len(sd)} tensors) -> Flax ({n_params} params, "

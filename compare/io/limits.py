@@ -1,37 +1,54 @@
-"""The limits on untrusted input: every file this project reads is checked against them
-*before* anything is allocated or any model is built, and a file past a limit is refused
-with an error that names the file, the limit and what the file declared.
+"""The budgets of untrusted input: every file this project reads is checked against them
+*before* the work they bound is done, and a file past one is refused with an error that
+names the file, the budget, what the file declared, and how to raise the budget.
 
-What is trusted and what is not (README, "Threat model"): the installed packages and the
-command line are trusted; every file read (weights, training checkpoints, datasets) is
-not. A file cannot run code (safetensors; ``torch.load(weights_only=True)``; a CIFAR
-unpickler that builds numpy arrays only), and with these limits it cannot make a reader
-allocate more than it declares and the file can back, or build a model of absurd size.
+What is trusted and what is not (docs/files.md, "Threat model"): the installed packages,
+the command line and the environment are trusted; every file read (weights, training
+checkpoints, datasets, results.json) is not. Each reader parses its file once, with its own
+code, and uses exactly what it checked; its memory is at most twice the file's bytes plus
+:data:`MEMORY_SLACK_BYTES`, its work is linear in the file's bytes and bounded in steps.
+
+Every budget is a constant of this module and can be raised (or lowered) for one process
+with the environment variable ``BN_PARITY_<NAME>`` (an int: ``BN_PARITY_MAX_TENSORS=20000``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import zipfile
-from collections.abc import Mapping
+import os
+import stat
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import bnconfig
 
-GiB = 1 << 30
+MiB, GiB = 1 << 20, 1 << 30
+ENV_PREFIX = "BN_PARITY_"
+
+# every reader
+MEMORY_SLACK_BYTES = 256 * MiB  # memory budget of a read: twice the file's bytes plus this
+MAX_ERRORS_SHOWN = 20  # problems listed in one error; the rest are counted
 
 # safetensors and .pt weights
-MAX_HEADER_BYTES = 16 << 20  # a safetensors JSON header (resnet152 needs ~80 KB)
+MAX_HEADER_BYTES = 16 * MiB  # a safetensors JSON header (resnet152 needs ~80 KB)
 MAX_TENSORS = 10_000  # entries in one weights file
 MAX_TENSOR_ELEMENTS = 1 << 31  # elements of one tensor
-MAX_TOTAL_BYTES = 16 * GiB  # the data of one weights file, declared or decompressed
-MAX_COMPRESSION_RATIO = 20  # of a .pt archive's entries (torch.save stores them uncompressed)
+MAX_TOTAL_BYTES = 16 * GiB  # the data of one weights file
+MAX_ARCHIVE_ENTRIES = 65_536  # entries of a .pt zip archive (one per storage)
+MAX_PICKLE_BYTES = 64 * MiB  # the pickle of a .pt file (resnet152's is ~100 KB)
+MAX_PICKLE_STEPS = 1_000_000  # opcodes of one pickle (resnet152's state_dict: ~30,000)
+MAX_PICKLE_TENSORS = 50_000  # tensors one pickle may describe (state_dict and optimizer state)
+
+# JSON: results.json, safetensors headers, header entries
+MAX_JSON_BYTES = 64 * MiB  # one results.json (a full run writes a few MB)
+MAX_JSON_VALUES = 2_000_000  # values of one JSON document, counted before parsing
+MAX_JSON_DEPTH = 32  # nesting of one JSON document (results.json nests 4 deep)
 
 # model configurations read from a file's header
 MAX_STAGES = 8  # ResNet stages
-MAX_BLOCKS = 64  # blocks in one ResNet stage
+MAX_BLOCKS = 48  # blocks in one ResNet stage (resnet152's deepest has 36; tracing 8 x 48 takes ~7 s)
 MAX_HIDDEN_LAYERS = 64  # MLP hidden layers, CNN conv blocks
 MAX_WIDTH = 1 << 16  # features or channels of one layer
 MAX_CLASSES = 1 << 20
@@ -40,96 +57,201 @@ MAX_SAMPLE_ELEMENTS = 1 << 26  # elements of one input sample (input_shape)
 
 # datasets
 MAX_DATASET_BYTES = 4 * GiB  # one decompressed IDX file or CIFAR batch
+MAX_DATASET_PICKLE_STEPS = 1_000_000  # opcodes of one CIFAR batch (a real one: ~40,000)
 
-SAFETENSORS_DTYPES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip  # the dtypes of weights; float8 and complex are refused
+BUDGETS = {
+    "MEMORY_SLACK_BYTES": "memory a read may use beyond twice the file's bytes",
+    "MAX_HEADER_BYTES": "bytes of a safetensors header",
+    "MAX_TENSORS": "tensors in one weights file",
+    "MAX_TENSOR_ELEMENTS": "elements of one tensor",
+    "MAX_TOTAL_BYTES": "bytes of tensor data in one weights file",
+    "MAX_ARCHIVE_ENTRIES": "entries of a .pt archive",
+    "MAX_PICKLE_BYTES": "bytes of the pickle in a .pt file",
+    "MAX_PICKLE_STEPS": "opcodes of one pickle",
+    "MAX_PICKLE_TENSORS": "tensors one pickle describes",
+    "MAX_JSON_BYTES": "bytes of a JSON file",
+    "MAX_JSON_VALUES": "values of one JSON document",
+    "MAX_JSON_DEPTH": "nesting depth of one JSON document",
+    "MAX_DATASET_BYTES": "bytes of one dataset file, decompressed",
+    "MAX_DATASET_PICKLE_STEPS": "opcodes of one CIFAR batch",
+}  # the sizes of model configurations (MAX_STAGES, ...) are fixed: a real model never nears them
 
 
-class LimitError(ValueError):
-    """An input past one of the limits of this module, or malformed in a way checked here."""
+class InputError(ValueError):
+    """An untrusted input refused: the message names the file and the problem. Every
+    reader's own error (``CheckpointError``, ``DataError``, ``ResultsFileError``) is one."""
 
 
-def safetensors_header(path: Path) -> dict[str, Any]:
-    """The parsed, validated JSON header of a safetensors file, read without its data:
-    length field within the file and :data:`MAX_HEADER_BYTES`, a JSON object, string
-    metadata, known dtypes, shapes of non-negative ints within :data:`MAX_TENSOR_ELEMENTS`,
-    byte ranges that match the shapes and lie inside the file, :data:`MAX_TENSORS` and
-    :data:`MAX_TOTAL_BYTES`."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise LimitError(f"{size} bytes: too short for a safetensors header")
-        n = int.from_bytes(head, "little")
-        if n > min(MAX_HEADER_BYTES, size - 8):
-            raise LimitError(f"the header declares {n} bytes; the file has {size - 8} after the length field")
-        raw = f.read(n)
+class LimitError(InputError):
+    """An input past one of the budgets of this module, or malformed in a way checked here."""
+
+
+class BudgetError(LimitError):
+    """An input past one of the budgets: the message names it and how to raise it."""
+
+
+def limit(name: str) -> int:
+    """The budget ``name``: ``BN_PARITY_<name>`` from the environment when set, else the
+    constant of this module."""
+    raw = os.environ.get(ENV_PREFIX + name)
+    if raw is None:
+        return globals()[name]
     try:
-        header = json.loads(raw)
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{name}={raw!r}: expected an int") from None
+    if value < 0:
+        raise ValueError(f"{ENV_PREFIX}{name}={raw!r}: expected an int >= 0")
+    return value
+
+
+def over(name: str, found: int, what: str | None = None) -> str:
+    """'<what>: <found>, more than the budget of <limit> (<name>; raise it with BN_PARITY_<name>)'."""
+    return (
+        f"{what or BUDGETS.get(name, name)}: {found:,}, more than the budget of {limit(name):,}"
+        f" ({name}; raise it with the environment variable {ENV_PREFIX}{name})"
+    )
+
+
+def check(name: str, found: int, what: str | None = None) -> None:
+    """Raises :class:`LimitError` when ``found`` is past the budget ``name``."""
+    if found > limit(name):
+        raise BudgetError(over(name, found, what))
+
+
+def memory_budget(file_bytes: int) -> int:
+    """The bytes a read of a ``file_bytes`` file may hold: twice that plus the slack."""
+    return 2 * file_bytes + limit("MEMORY_SLACK_BYTES")
+
+
+def printable(text: object, limit_chars: int = 300) -> str:
+    """``text`` safe for a terminal: control characters (escape sequences, carriage returns,
+    newlines, bidirectional overrides) written as escapes, cut at ``limit_chars``."""
+    text = str(text)
+    out = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text[:limit_chars])
+    return out + ("..." if len(text) > limit_chars else "")
+
+
+def summary(problems: list[str], shown: int | None = None) -> str:
+    """The first problems joined with '; ', then how many more there are."""
+    shown = limit("MAX_ERRORS_SHOWN") if shown is None else shown
+    head = "; ".join(problems[:shown])
+    return head + (f"; ... and {len(problems) - shown:,} more" if len(problems) > shown else "")
+
+
+def clean_text(text: str) -> bool:
+    """Whether ``text`` is printable (newlines and tabs allowed) and valid UTF-8 (no lone
+    surrogates): what a name or a record string may be."""
+    return all(c.isprintable() or c in "\n\t" for c in text) and not any("\ud800" <= c <= "\udfff" for c in text)
+
+
+# --- files --------------------------------------------------------------------------------
+
+
+def open_regular(path: Path) -> tuple[BinaryIO, int]:
+    """``path`` opened for reading, with its size: a regular file (after following links),
+    checked on the open descriptor, so that a FIFO or a device (which never ends, or never
+    answers) is refused instead of read. Raises OSError or :class:`LimitError`."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise LimitError(f"not a regular file ({kind_of(info.st_mode)})")
+        os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    return f, info.st_size
+
+
+def kind_of(mode: int) -> str:
+    """What a file of ``st_mode`` is, in words ('a FIFO', 'a character device', ...)."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a link")):  # fmt: skip
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_exactly(f: BinaryIO, n: int) -> bytes:
+    """``n`` bytes from ``f`` (its size was checked), or :class:`LimitError` when it ends first."""
+    data = f.read(n)
+    if len(data) != n:
+        raise LimitError(f"the file ended after {len(data)} of {n} bytes (did it change while being read?)")
+    return data
+
+
+# --- JSON ---------------------------------------------------------------------------------
+
+
+def parse_json(raw: bytes | str, what: str = "JSON") -> Any:
+    """One JSON document, bounded before it is parsed: at most :data:`MAX_JSON_VALUES`
+    values (counted from its separators: an upper bound), nested at most
+    :data:`MAX_JSON_DEPTH` deep; no duplicate keys, no NaN or Infinity (not JSON), every
+    string valid UTF-8. Raises :class:`LimitError` naming ``what``."""
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")
+    values = raw.count(b",") + raw.count(b"[") + raw.count(b"{") + 1
+    if values > limit("MAX_JSON_VALUES"):
+        raise BudgetError(f"{what}: " + over("MAX_JSON_VALUES", values, "up to that many values"))
+    try:
+        text = raw.decode("utf-8")
+        doc = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except RecursionError:
+        raise BudgetError(f"{what}: " + over("MAX_JSON_DEPTH", 1000, "nested deeper than that")) from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise LimitError(f"the header is not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise LimitError(f"the header is a JSON {type(header).__name__}, expected an object")
-    meta = header.pop("__metadata__", {})
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise LimitError("__metadata__ must map strings to strings")
-    if len(header) > MAX_TENSORS:
-        raise LimitError(f"{len(header)} tensors, more than the limit of {MAX_TENSORS}")
-    problems, total, data_bytes = [], 0, size - 8 - n
-    for name, entry in header.items():
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            problems.append(f"{name!r}: expected {{dtype, shape, data_offsets}}")
-            continue
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in SAFETENSORS_DTYPES:
-            problems.append(f"{name!r}: dtype {dtype!r} is not one of {sorted(SAFETENSORS_DTYPES)}")
-            continue
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            problems.append(f"{name!r}: shape {shape!r} is not a list of non-negative ints")
-            continue
-        elements = math.prod(shape)
-        if elements > MAX_TENSOR_ELEMENTS:
-            problems.append(f"{name!r}: {elements} elements, more than the limit of {MAX_TENSOR_ELEMENTS}")
-            continue
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-            problems.append(f"{name!r}: data_offsets {offsets!r} is not two ints")
-            continue
-        begin, end = offsets
-        if not 0 <= begin <= end <= data_bytes or end - begin != elements * SAFETENSORS_DTYPES[dtype]:
-            problems.append(f"{name!r}: bytes [{begin}, {end}) do not hold {shape} {dtype} inside the file's data")
-            continue
-        total += end - begin
-    if problems:
-        raise LimitError("; ".join(problems))
-    if total > MAX_TOTAL_BYTES:
-        raise LimitError(f"{total} bytes of tensors, more than the limit of {MAX_TOTAL_BYTES}")
-    return {"__metadata__": meta, **header}
+        raise LimitError(f"{what} is not valid JSON ({printable(e, 200)})") from None
+    depth = json_depth(doc, limit("MAX_JSON_DEPTH"))
+    if depth > limit("MAX_JSON_DEPTH"):
+        raise BudgetError(f"{what}: " + over("MAX_JSON_DEPTH", depth, "nested that deep"))
+    return doc
 
 
-def torch_archive(path: Path) -> bool:
-    """A ``.pt`` zip archive's declared sizes, before ``torch.load`` reads it: the data
-    within :data:`MAX_TOTAL_BYTES` and no entry compressed more than
-    :data:`MAX_COMPRESSION_RATIO` times (a zip bomb). Returns whether the file is a zip
-    archive; legacy (non-zip) files pass here and are bounded by torch's own reader."""
-    if not zipfile.is_zipfile(path):
-        return False
-    try:
-        with zipfile.ZipFile(path) as archive:
-            infos = archive.infolist()
-    except Exception as e:  # a damaged archive fails in many ways (BadZipFile, a name that is not UTF-8, ...)
-        raise LimitError(f"not a readable zip archive ({type(e).__name__}: {e})") from None
-    total = sum(i.file_size for i in infos)
-    if total > MAX_TOTAL_BYTES:
-        raise LimitError(f"the archive unpacks to {total} bytes, more than the limit of {MAX_TOTAL_BYTES}")
-    for i in infos:
-        if i.file_size > MAX_COMPRESSION_RATIO * max(i.compress_size, 1) and i.file_size > 1 << 20:
-            raise LimitError(
-                f"entry {i.filename!r} unpacks {i.compress_size} bytes to {i.file_size}: "
-                f"more than {MAX_COMPRESSION_RATIO}x (torch.save does not compress)"
-            )
-    return True
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen, dupes = set(), []
+        for k, _ in pairs:
+            if k in seen:
+                dupes.append(k)
+            seen.add(k)
+        raise ValueError(f"duplicate key {printable(repr(dupes[0]), 80)}")
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def json_depth(doc: Any, stop: int) -> int:
+    """The nesting depth of a parsed JSON value (1 for a scalar), without recursion; stops
+    counting past ``stop``."""
+    deepest, todo = 0, [(doc, 1)]
+    while todo:
+        value, depth = todo.pop()
+        deepest = max(deepest, depth)
+        if deepest > stop:
+            return deepest
+        if isinstance(value, dict):
+            todo.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            todo.extend((v, depth + 1) for v in value)
+    return deepest
+
+
+def strings(doc: Any) -> Iterable[str]:
+    """Every key and string of a parsed JSON value, without recursion."""
+    todo = [doc]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            yield from value.keys()
+            todo.extend(value.values())
+        elif isinstance(value, list):
+            todo.extend(value)
 
 
 def tensor_problems(name: Any, tensor: Any) -> list[str]:
@@ -147,8 +269,8 @@ def tensor_problems(name: Any, tensor: Any) -> list[str]:
     allowed = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.int32, torch.uint8}
     if tensor.dtype not in allowed:
         return [f"{name!r}: dtype {tensor.dtype} is not a weight dtype"]
-    if tensor.numel() > MAX_TENSOR_ELEMENTS:
-        return [f"{name!r}: {tensor.numel()} elements, more than the limit of {MAX_TENSOR_ELEMENTS}"]
+    if tensor.numel() > limit("MAX_TENSOR_ELEMENTS"):
+        return [f"{name!r}: " + over("MAX_TENSOR_ELEMENTS", tensor.numel())]
     storage_elements = tensor.untyped_storage().nbytes() // max(tensor.element_size(), 1)
     if tensor.numel() > storage_elements:
         return [f"{name!r}: a view of {tensor.numel()} elements over a storage of {storage_elements}"]

@@ -20,7 +20,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from compare.io.checkpoint import atomic_path
+from compare.io import results_file
+from compare.io.files import atomic_path
 from compare.records import SCHEMA_VERSION
 
 PACKAGES = ("numpy", "torch", "jax", "jaxlib", "flax", "optax")
@@ -167,21 +168,17 @@ def upgrade(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def load(path: Path) -> dict[str, Any]:
-    """A results.json written by :func:`write` (for ``--resume`` and the reports), in
-    today's form (:func:`upgrade`)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot resume from it ({e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("meta"), dict):
-        raise ValueError(f"{path}: cannot resume from it (not a results.json object with a 'meta')")
-    return upgrade(data)
+    """A results.json written by :func:`write` (for ``--resume`` and the reports), validated
+    against the record schema (``compare.io.results_file``: a ``ResultsFileError``, a
+    ValueError, names the file and each problem), in today's form (:func:`upgrade`)."""
+    return upgrade(results_file.read(path))
 
 
 def resumed(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """The results in ``folder`` to continue, under this run's ``meta``: the old meta's
     entries stay (suites done, settings) unless this run sets them, and whether it
     stopped is for this run to say."""
+    results_file.check_folder(folder)  # it is written again: no links or devices in it
     old = load(Path(folder) / "results.json")
     old_meta = {k: v for k, v in old["meta"].items() if k != "stopped"}
     return {**old, "meta": {**old_meta, **meta, "resumed_from": str(folder)}}

@@ -12,6 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from compare.io.files import atomic_path
+
 __all__ = ["IMPL_COLOURS", "clipped_texts", "figure", "impl_colour", "plt", "save"]
 
 # one colour per implementation, the same everywhere; two families, so the framework reads at a glance
@@ -72,8 +74,13 @@ def clipped_texts(fig) -> list[str]:
 
 
 def save(fig, path: Path) -> Path:
+    """``fig`` as a PNG at ``path``, written atomically (``compare.io.files.atomic_path``:
+    a link or a device at ``path`` is refused, never written through)."""
     if fig.get_layout_engine() is None:
         fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     return path
