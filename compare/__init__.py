@@ -3,13 +3,14 @@
 One folder per job; imports point one way (``tests/test_architecture.py`` enforces it)::
 
     conventions registry transfer masks optimizers records   the bridge
-    io/  checks/  bench/  experiments/                       built on the bridge
+    io/  checks/  bench/  experiments/  parallel/            built on the bridge
     report/                                                  reads their records
     run  convert                                             the command lines
 
 The modules of the flat layout before 0.2 (``compare.checkpoint``, ``compare.equivalence``,
 ``compare.bench_jax``, ...) still import, with a ``DeprecationWarning`` that names the new
-path; they go away in 0.3.
+path; they go away in 0.3. So do ``compare.checks.parallel_jax`` and ``parallel_torch``,
+now ``compare.parallel.jax_checks`` and ``torch_checks``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
     "io",
     "masks",
     "optimizers",
+    "parallel",
     "records",
     "registry",
     "report",
@@ -45,8 +47,11 @@ DEPRECATED_MODULES: dict[str, tuple[str, ...]] = {
     "compare.equivalence": ("compare.checks.equivalence",),
     "compare.train_equivalence": ("compare.checks.train_equivalence",),
     "compare.spec": ("compare.checks.spec",),
-    "compare.distributed_jax": ("compare.checks.parallel_jax", "flaxbn.parallel"),
-    "compare.distributed_torch": ("compare.checks.parallel_torch",),
+    "compare.distributed_jax": ("compare.parallel.jax_checks", "flaxbn.parallel"),
+    "compare.distributed_torch": ("compare.parallel.torch_checks",),
+    # the data-parallel checks moved to their own job folder, compare/parallel/ (documented paths before)
+    "compare.checks.parallel_jax": ("compare.parallel.jax_checks", "flaxbn.parallel"),
+    "compare.checks.parallel_torch": ("compare.parallel.torch_checks",),
     "compare.bench_jax": ("compare.bench.runners_jax",),
     "compare.bench_torch": ("compare.bench.runners_torch",),
     "compare.flops": ("compare.bench.flops",),

@@ -26,8 +26,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from compare.bench.suite import BENCH
-from compare.checks.suites import DISTRIBUTED, EQUIVALENCE, SPEC
+from compare.checks.suites import EQUIVALENCE, SPEC
 from compare.experiments.suite import TRAIN
+from compare.parallel.suite import DISTRIBUTED
 from compare.report import console as console_report
 from compare.report import figures, results
 
