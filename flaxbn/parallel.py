@@ -254,10 +254,11 @@ def linen_place(mesh: jax.sharding.Mesh, state: ftrain.LinenState, bn_mode: str)
     on the mesh: replicated, except per-device statistics (a leading axis of one entry per
     device), which are split over ``"data"``."""
     _check_mode(bn_mode)
-    return put(mesh, state, _linen_specs(bn_mode))
+    return put(mesh, state, linen_specs(bn_mode))
 
 
-def _linen_specs(bn_mode: str) -> ftrain.LinenState:
+def linen_specs(bn_mode: str) -> ftrain.LinenState:
+    """The layout of a ``LinenState`` on the mesh: everything replicated, per-device statistics split."""
     return ftrain.LinenState(P(), P(AXIS) if bn_mode == "per_device" else P(), P(), P())
 
 
@@ -284,7 +285,7 @@ def linen_step(mesh: jax.sharding.Mesh, model: nn.Module, tx, bn_mode: str):
         stats = _stack(stats) if bn_mode == "per_device" else stats
         return ftrain.LinenState(params, stats, opt_state, state.step + 1), loss
 
-    specs = _linen_specs(bn_mode)
+    specs = linen_specs(bn_mode)
     run = jax.shard_map(
         local, mesh=mesh, in_specs=(specs, P(AXIS), P(AXIS), P()), out_specs=(specs, P()), check_vma=False
     )

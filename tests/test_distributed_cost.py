@@ -98,3 +98,19 @@ def test_the_report_and_figures_draw_the_distributed_lists(tmp_path):
     assert (tmp_path / "distributed_step_times.png").is_file() and (tmp_path / "distributed_comm_model.png").is_file()
     text = "\n".join(markdown._distributed_md(results))
     assert "Step times on this machine" in text and "| nvlink |" in text
+
+
+def test_the_quiet_machine_command_of_the_docs_parses_and_every_option_is_documented():
+    import re
+    import shlex
+    from pathlib import Path
+
+    from compare import run
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "distributed.md").read_text()
+    command = re.search(r"```bash\n(python -m compare\.run --suite distributed.*?)```", text, flags=re.S).group(1)
+    args = run.parse(shlex.split(command.replace("\\\n", " "))[3:])
+    assert args.suites == ["distributed"] and args.dist_part == "cost" and args.dist_pin
+    assert args.out == Path("results/cpu-2core-x86_64/distributed")
+    for option in ("--dist-part", "--dist-windows", "--dist-window-s", "--dist-pin", "--full"):
+        assert option in text

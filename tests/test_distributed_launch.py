@@ -50,7 +50,11 @@ def test_the_time_limit_stops_every_process_and_says_which_were_running(tmp_path
 
 def test_a_fault_kills_the_named_rank_once_its_file_exists_and_the_report_says_so(tmp_path):
     trigger = tmp_path / "go"
-    writer = [sys.executable, "-c", f"import time; time.sleep(0.3); open({str(trigger)!r}, 'w').close(); time.sleep(60)"]
+    writer = [
+        sys.executable,
+        "-c",
+        f"import time; time.sleep(0.3); open({str(trigger)!r}, 'w').close(); time.sleep(60)",
+    ]
     fault = launch.Fault(rank=0, after=trigger)
     with pytest.raises(launch.WorkerFailed, match=r"process 0 \(pid \d+\) was killed by SIGKILL") as e:
         launch.run_commands({0: SLEEP, 1: writer}, tmp_path, "fault", timeout_s=60, fault=fault)
@@ -85,3 +89,26 @@ def test_a_free_port_is_free():
     port = launch.free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+def test_stop_all_ends_the_jobs_watched_in_other_threads(tmp_path):
+    """What the suite calls when it is interrupted while jobs run beside each other."""
+    import threading
+
+    failures = []
+
+    def job():
+        try:
+            launch.run_commands({0: SLEEP}, tmp_path, "other", timeout_s=60)
+        except launch.WorkerFailed as e:
+            failures.append(e)
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not launch._RUNNING and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    launch.stop_all()
+    thread.join(timeout=20)
+    assert not thread.is_alive() and failures and failures[0].rank == 0

@@ -60,7 +60,7 @@ def _holds(diff, name: str) -> bool:
 
 
 def test_the_launcher_starts_every_process_and_process_0_writes_the_results(two_processes):
-    out, job, saved = two_processes
+    _, job, saved = two_processes
     logs = [p.read_text() for p in job.logs.values()]
     assert "process 0 of 2: done" in logs[0] and "process 1 of 2: done" in logs[1]
     assert sorted(saved) == sorted(_name(r) for r in RUNS) and all(len(v) == 2 for v in saved.values())

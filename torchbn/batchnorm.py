@@ -112,9 +112,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             if x.numel() > 0:  # batch_norm_backward_elemt
                 scale = invstd if weight is None else invstd * weight
                 grad_x = (
-                    dy
-                    - _per_channel(sum_dy / total, x)
-                    - xmu * _per_channel(invstd**2 * sum_dy_xmu / total, x)
+                    dy - _per_channel(sum_dy / total, x) - xmu * _per_channel(invstd**2 * sum_dy_xmu / total, x)
                 ) * _per_channel(scale, x)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 

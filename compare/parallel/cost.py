@@ -129,7 +129,7 @@ def _abstract_step(w, name: str, bn_mode: str, batch: int):
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(w.mesh, spec)), tree
         )
 
-    specs = parallel._linen_specs(bn_mode)
+    specs = parallel.linen_specs(bn_mode)
     state = jax.tree_util.tree_map(lambda s, t: placed(t, s), specs, state, is_leaf=lambda s: isinstance(s, P))
     x = placed(x, P(parallel.AXIS))
     y = placed(jax.ShapeDtypeStruct((x.shape[0],), np.int32), P(parallel.AXIS))

@@ -160,6 +160,8 @@ def run_commands(
     procs: dict[int, subprocess.Popen] = {}
     ended: queue.Queue = queue.Queue()
     start = time.monotonic()
+    with _LOCK:
+        _RUNNING.append(procs)
     try:
         for i, cmd in commands.items():
             core = (pins or {}).get(i)
@@ -172,6 +174,20 @@ def run_commands(
             threading.Thread(target=lambda i=i: ended.put((i, procs[i].wait(), time.monotonic())), daemon=True).start()
         return _watch(procs, ended, logs, start, timeout_s, fault, out, names)
     finally:
+        _stop(procs)
+        with _LOCK:
+            _RUNNING.remove(procs)
+
+
+_RUNNING: list[dict[int, subprocess.Popen]] = []  # the processes of every job being watched, in any thread
+_LOCK = threading.Lock()
+
+
+def stop_all() -> None:
+    """Stop every job's processes now (for a caller interrupted while jobs run in other threads)."""
+    with _LOCK:
+        jobs = list(_RUNNING)
+    for procs in jobs:
         _stop(procs)
 
 

@@ -14,6 +14,7 @@ single-process simulated checks on 2, 4 and 8 devices.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 from pathlib import Path
 
 import numpy as np
@@ -110,30 +111,39 @@ def jax_jobs(folder: Path, full: bool, progress) -> tuple[list[dict], dict]:
         ("2x1", 2, 1, "resume,uneven", {}),
     ]  # fmt: skip
     runs = {"2x2": RUNS, "4x1": four, "1x4": RUNS}
-    for tag, p, local, tasks, args in plan:
+
+    def start(tag, p, local, tasks, args) -> bool:
         out = folder / f"jax-{tag}"
         if "resume" in tasks:  # from the 2x2 run's checkpoint after SAVE_AT steps
-            if "2x2" not in ckpt:
-                continue
             same = [{**r, "from": ckpt["2x2"][_name(r)][0]} for r in runs.get(tag, [])]
             other = [{**r, "from": ckpt["2x2"][_name(r)][0]} for r in NODROP]
             other += [{**r, "from": ckpt["2x2"][_name(r)][0], "resplit": s} for r in (RUNS if full else linen)
                       if r["bn_mode"] == "per_device" for s in ("device0", "mean")]  # fmt: skip
             args["resume"] = {"runs": same if p * local == 4 else other, "steps": STEPS}
         what = f"{p} processes x {local} devices ({tasks})"
-        ran = _job(records, "cross", what, lambda: launch.jax_job(tasks, p, local, out, args, timeout_s=900))
-        progress(f"jax, {p} processes x {local} devices", None)
-        if not ran:
-            continue
-        for task in ("checks", "uneven"):
-            if task in tasks:
-                found = launch.read_json(out, f"{task}.json")
-                records += found["records"]
-                uneven |= {p * local: found["uneven"]} if found["uneven"] else {}
-        if "train" in tasks:
-            ckpt[tag] = launch.read_json(out, "train.json")["checkpoints"]
-        if "resume" in tasks:
-            ckpt[f"{tag}/resumed"] = launch.read_json(out, "resume.json")["resumed"]
+        return _job(records, "cross", what, lambda: launch.jax_job(tasks, p, local, out, args, timeout_s=900))
+
+    # three stages: the resumes need the 2 x 2 run's checkpoints; the 1-process job (one core)
+    # runs beside the 2-process one
+    for stage in ([plan[0]], [plan[1]], plan[2:]):
+        if stage[0][0] != "2x2" and "2x2" not in ckpt:
+            break
+        with concurrent.futures.ThreadPoolExecutor(len(stage)) as pool:
+            ran = list(pool.map(lambda job: start(*job), stage))
+        for (tag, p, local, tasks, _), ok in zip(stage, ran, strict=True):
+            progress(f"jax, {p} processes x {local} devices", None)
+            if not ok:
+                continue
+            out = folder / f"jax-{tag}"
+            for task in ("checks", "uneven"):
+                if task in tasks:
+                    found = launch.read_json(out, f"{task}.json")
+                    records += found["records"]
+                    uneven |= {p * local: found["uneven"]} if found["uneven"] else {}
+            if "train" in tasks:
+                ckpt[tag] = launch.read_json(out, "train.json")["checkpoints"]
+            if "resume" in tasks:
+                ckpt[f"{tag}/resumed"] = launch.read_json(out, "resume.json")["resumed"]
     base = dict(launcher="jax.distributed", devices=4)
     for r in RUNS:
         for tag, p in (("4x1", 4), ("1x4", 1)):
@@ -292,20 +302,28 @@ def _intact(framework: str, path: Path) -> tuple[bool, object]:
         return False, str(e)
 
 
+def count_job(folder: Path) -> tuple[list[dict], list[dict]]:
+    """JAX's collectives counted: one process of 2 devices (the program 2 processes run, lowered once)."""
+    from compare.parallel import launch
+
+    out, failed = folder / "jax-count", []
+    args = {"cost": {"models": COUNTED}}
+    if _job(failed, "jax", "the collective count", lambda: launch.jax_job("cost", 1, 2, out, args, timeout_s=900)):
+        return launch.read_json(out, "cost.json")["records"], failed
+    return [], failed
+
+
+COUNTED = ["mlp", "cnn", "resnet18_cifar"]
+
+
 def cost_jobs(folder: Path, args: argparse.Namespace, progress) -> tuple[list[dict], list[dict], list[dict]]:
-    """The collectives counted (JAX: one process of 2 devices; torch: 2 ranks) and the step
-    times of 1 and 2 processes of one device each, both frameworks; and a failed record
-    for each job that failed."""
+    """torch's collectives counted (2 ranks) and the step times of 1 and 2 processes of one
+    device each, both frameworks, each job alone on the machine; and a failed record for
+    each job that failed."""
     from compare.parallel import launch
 
     timing = {"windows": args.dist_windows, "window_s": args.dist_window_s, "pinned": args.dist_pin}
-    models = ["mlp", "cnn", "resnet18_cifar"]
     counts, steps, failed = [], [], []
-    out = folder / "jax-count"  # one process of 2 devices: the program 2 processes run, lowered once
-    if _job(
-        failed, "jax", "the collective count", lambda: launch.jax_job("cost", 1, 2, out, {"cost": {"models": models}})
-    ):
-        counts += launch.read_json(out, "cost.json")["records"]
     for p in (1, 2):
         out = folder / f"jax-timing-{p}"
         start = lambda: launch.jax_job("timing", p, 1, out, {"timing": timing}, pin=args.dist_pin)  # noqa: E731
@@ -314,7 +332,7 @@ def cost_jobs(folder: Path, args: argparse.Namespace, progress) -> tuple[list[di
         progress(f"jax step times, {p} process(es)", None)
         tasks = "timing,cost" if p == 2 else "timing"
         out = folder / f"torch-timing-{p}"
-        start = lambda: launch.torchrun_job(tasks, p, out, {"timing": timing, "cost": {"models": models}})  # noqa: E731
+        start = lambda: launch.torchrun_job(tasks, p, out, {"timing": timing, "cost": {"models": COUNTED}})  # noqa: E731
         if _job(failed, "torch", f"step times, {p} rank(s)", start):
             steps += launch.read_json(out, "timing.json")["records"]
             counts += launch.read_json(out, "cost.json")["records"] if p == 2 else []
@@ -326,25 +344,35 @@ def _distributed(args: argparse.Namespace, progress: Progress, saved: Saved) -> 
     """The multi-process checks and the cost; the jobs work in ``<out>/distributed-jobs/`` (logs, checkpoints)."""
     import time
 
-    from compare.parallel import cost, jax_checks
+    from compare.parallel import cost, jax_checks, launch
 
     folder = Path(args.out) / "distributed-jobs"
     full, part = args.full, args.dist_part
     progress(None, (8 + full if part != "cost" else 0) + (4 if part != "checks" else 0))
     started = time.monotonic()
     out: dict = {"distributed": []}
-    if part != "cost":
-        records, jx = jax_jobs(folder, full, progress)
-        t_records, tr = torch_jobs(folder, full, progress)
-        out["distributed"] += records + t_records + cross_uneven(jx["uneven"], tr["uneven"]) + kills(folder, progress)
-        if full:
-            out["distributed"] += jax_checks.run_in_subprocess((2, 4, 8))
-            progress("jax, simulated devices in one process (2, 4, 8)", None)
-    if part != "checks":
-        counts, steps, failed = cost_jobs(folder, args, progress)
-        out["distributed"] += failed
-        out |= {"distributed_collectives": counts, "distributed_comm_model": cost.paper(counts),
-                "distributed_steps": steps}  # fmt: skip
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        # JAX's count (one process, one core's work) runs beside the checks; the timings run alone
+        counting = pool.submit(count_job, folder) if part != "checks" else None
+        if part != "cost":
+            records, jx = jax_jobs(folder, full, progress)
+            t_records, tr = torch_jobs(folder, full, progress)
+            out["distributed"] += records + t_records + cross_uneven(jx["uneven"], tr["uneven"])
+            out["distributed"] += kills(folder, progress)
+            if full:
+                out["distributed"] += jax_checks.run_in_subprocess((2, 4, 8))
+                progress("jax, simulated devices in one process (2, 4, 8)", None)
+        if counting is not None:
+            jax_counts, failed = counting.result()
+            counts, steps, more = cost_jobs(folder, args, progress)
+            counts = jax_counts + counts
+            out["distributed"] += failed + more
+            out |= {"distributed_collectives": counts, "distributed_comm_model": cost.paper(counts),
+                    "distributed_steps": steps}  # fmt: skip
+    finally:  # interrupted (SIGTERM, Ctrl-C): no job of another thread outlives the suite
+        launch.stop_all()
+        pool.shutdown(wait=True)
     meta = {"windows": args.dist_windows, "window_s": args.dist_window_s, "pinned": args.dist_pin, "part": part,
             "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
     return {**out, "meta": {"distributed": meta}}
