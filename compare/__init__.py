@@ -12,13 +12,15 @@ docs/architecture.md says where each kind of change goes)::
     suite         what a suite of compare.run is
     io/           files: checkpoints, conversion, training state, limits on untrusted input
     checks/       equivalence, train equivalence, the spec, tolerances
+    parallel/     data parallelism on several processes: launcher, checks, checkpoints, costs
     bench/        the benchmark: sweeps, runners, FLOPs, memory, machine load
     experiments/  the lesson's claims
     report/       results.json, report.md, console, figures, generated docs
     run, convert  the command lines
 
-Module paths that moved (``compare.checkpoint``, ``compare.report.plots``, ...) still import,
-with a ``DeprecationWarning`` that names the new path (``DEPRECATED_MODULES``, at the end).
+Module paths that moved (``compare.checkpoint``, ``compare.report.plots``,
+``compare.checks.parallel_jax``, ...) still import, with a ``DeprecationWarning`` that names
+the new path (``DEPRECATED_MODULES``, at the end).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ __all__ = [
     "io",
     "masks",
     "optimizers",
+    "parallel",
     "records",
     "registry",
     "report",
@@ -58,8 +61,11 @@ DEPRECATED_MODULES: dict[str, tuple[str, ...]] = {
     "compare.equivalence": ("compare.checks.equivalence",),
     "compare.train_equivalence": ("compare.checks.train_equivalence",),
     "compare.spec": ("compare.checks.spec",),
-    "compare.distributed_jax": ("compare.checks.parallel_jax", "flaxbn.parallel"),
-    "compare.distributed_torch": ("compare.checks.parallel_torch",),
+    "compare.distributed_jax": ("compare.parallel.jax_checks", "flaxbn.parallel"),
+    "compare.distributed_torch": ("compare.parallel.torch_checks",),
+    # the data-parallel checks moved to their own job folder, compare/parallel/ (documented paths before)
+    "compare.checks.parallel_jax": ("compare.parallel.jax_checks", "flaxbn.parallel"),
+    "compare.checks.parallel_torch": ("compare.parallel.torch_checks",),
     "compare.bench_jax": ("compare.bench.runners_jax",),
     "compare.bench_torch": ("compare.bench.runners_torch",),
     "compare.flops": ("compare.bench.flops",),

@@ -262,6 +262,71 @@ class DistributedRecord(Record):
     tol: float | None = field()
     ok: bool | None = field()  # None: cannot run here (detail says why)
     detail: str | None = field(optional=True)
+    # 0.3: the checks run in several processes (absent: one process, simulated devices)
+    processes: int | None = field(optional=True)
+    launcher: str | None = field(optional=True)  # "simulated" | "jax.distributed" | "torchrun"
+    seconds: float | None = field(optional=True)  # the fault test: from the kill to every process stopped
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CollectiveRecord(Record):
+    """The collectives of one data-parallel training step, counted (results list
+    ``distributed_collectives``)."""
+
+    SUITE: ClassVar[str] = "distributed"
+    framework: str = field()  # "jax" | "torch"
+    model: str = field()
+    bn_mode: str = field()  # "sync" | "per_device"
+    devices: int = field()
+    source: str = field()  # "stablehlo (lowered)" | "hlo (compiled, cpu)" | "torch.profiler"
+    collectives: int = field()  # per step
+    bytes_per_step: int = field()  # what one device contributes, summed over the collectives
+    critical_collectives: int | None = field()  # BatchNorm's (and DDP's buffer broadcast): no compute hides them
+    critical_bytes: int | None = field()
+    detail: str = field(table=False)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CommModelRecord(Record):
+    """The paper model: one step's communication on a GPU cluster against the H100
+    baseline's step time (results list ``distributed_comm_model``)."""
+
+    SUITE: ClassVar[str] = "distributed"
+    model: str = field()
+    framework: str = field()
+    bn_mode: str = field()
+    link: str = field()  # compare.parallel.cost.LINKS
+    gpus: int = field()
+    collectives: int = field(table=False)
+    bytes_per_step: int = field(table=False)
+    comm_ms: float = field()  # every collective: latency + bytes over the bus bandwidth, no overlap
+    critical_ms: float = field()  # the collectives no compute hides
+    h100_step_ms: float = field()
+    h100_impl: str = field(table=False)
+    comm_fraction: float = field()
+    critical_fraction: float = field()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepTimeRecord(Record):
+    """A data-parallel training step timed on this machine (results list ``distributed_steps``)."""
+
+    SUITE: ClassVar[str] = "distributed"
+    framework: str = field()
+    model: str = field()
+    processes: int = field()  # one device (one core) each
+    bn_mode: str = field()
+    batch_per_device: int = field()
+    step_ms_median: float = field()
+    step_ms_p10: float = field()
+    step_ms_p90: float = field()
+    samples_per_s: float = field()
+    compile_s: float = field()  # the first step (compilation for JAX, warm-up for torch)
+    windows: int = field(table=False)
+    steps_per_window: int = field(table=False)
+    load_avg: float = field()  # the machine's 1-minute load average, the highest seen while timing
+    cpu_count: int = field(table=False)
+    pinned: bool = field(table=False)  # process i on core i
 
 
 # the kinds whose records go into results.json, by suite
@@ -272,4 +337,7 @@ KINDS: dict[str, tuple[type[Record], ...]] = {
     "bench": (BenchRecord,),
     "train": (TrainRecord,),
     "distributed": (DistributedRecord,),
+    "distributed_collectives": (CollectiveRecord,),
+    "distributed_comm_model": (CommModelRecord,),
+    "distributed_steps": (StepTimeRecord,),
 }

@@ -26,9 +26,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from compare.bench.suite import BENCH
-from compare.checks.suites import DISTRIBUTED, EQUIVALENCE, SPEC
+from compare.checks.suites import EQUIVALENCE, SPEC
 from compare.experiments.suite import TRAIN
 from compare.io import limits
+from compare.parallel.suite import DISTRIBUTED
 from compare.report import console, figures, results
 from compare.suite import resolve_device
 

@@ -6,8 +6,9 @@ imports inside functions), so that a violation fails here and not in a user's in
   torch; neither imports the other or ``compare``.
 * Inside ``compare`` imports point one way: the bridge (``conventions``, ``registry``, ``suite``,
   ``transfer``, ``port``, ``masks``, ``optimizers``, ``records``) <- ``io`` (files and the limits on
-  untrusted input) <- ``checks``, ``bench``, ``experiments`` (each may use the bridge, ``io``
-  and its own folder) <- ``report`` <- the command lines (``run``, ``convert``).
+  untrusted input) <- ``checks``, ``bench``, ``experiments``, ``parallel`` (each may use the
+  bridge, ``io`` and its own folder; ``parallel`` also the one tolerance table and tree-diff
+  helper of ``checks``) <- ``report`` <- the command lines (``run``, ``convert``).
 * No folder holds more than 8 modules, and no module is longer than 400 lines.
 """
 
@@ -21,7 +22,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("bnconfig", "torchbn", "flaxbn", "compare")
 BRIDGE = {"conventions", "registry", "transfer", "port", "masks", "optimizers", "records", "suite"}
-MIDDLE = {"io", "checks", "bench", "experiments"}
+MIDDLE = {"io", "checks", "bench", "experiments", "parallel"}
+SHARED = {"compare.checks.tolerances", "compare.checks.diffs"}  # the one tolerance table, the one tree diff
 CLI = {"run", "convert"}
 
 
@@ -71,6 +73,7 @@ def test_every_module_is_found_and_parsed():
     assert {"compare.run", "compare.records", "compare.checks.equivalence", "torchbn.models", "flaxbn.parallel"} <= set(
         MODULES
     )
+    assert {"compare.parallel.launch", "compare.parallel.suite", "torchbn.batchnorm"} <= set(MODULES)
     assert all(_imports(name, path) is not None for name, path in MODULES.items())
 
 
@@ -107,7 +110,7 @@ def _allowed(importer: str, imported: str) -> bool:
     if a == "io":
         return b in {"bridge", "io"}
     if a in MIDDLE:
-        return b in {"bridge", "io", a}
+        return b in {"bridge", "io", a} or (a == "parallel" and imported in SHARED)
     if a == "report":
         return b in {"bridge", "report", *MIDDLE}
     return False
@@ -128,6 +131,9 @@ def test_the_direction_check_can_fail():
     assert not _allowed("compare.io.checkpoint", "compare.bench.sweep")
     assert not _allowed("compare.io.checkpoint", "compare.experiments.data")
     assert not _allowed("compare.checks.spec", "compare.bench.sweep")
+    assert not _allowed("compare.parallel.jax_checks", "compare.checks.equivalence")
+    assert not _allowed("compare.checks.spec", "compare.parallel.suite")
+    assert _allowed("compare.parallel.jax_checks", "compare.checks.tolerances")
     assert _allowed("compare.report.plots", "compare.experiments.claims")
 
 

@@ -3,6 +3,7 @@
 Imports torch and numpy only; never jax, flax or ``compare``.
 """
 
+from torchbn.batchnorm import SyncBatchNorm, convert_sync_batchnorm
 from torchbn.config import CNNConfig, MLPConfig, ModelConfig, ResNetConfig
 from torchbn.models import CNN, MLP, BasicBlock, Bottleneck, ResNet, build
 
@@ -18,6 +19,8 @@ __all__ = [
     "ModelConfig",
     "ResNet",
     "ResNetConfig",
+    "SyncBatchNorm",
     "__version__",
     "build",
+    "convert_sync_batchnorm",
 ]

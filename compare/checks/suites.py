@@ -1,5 +1,5 @@
-"""The suites of ``compare.run`` made of checks: ``equivalence``, ``spec`` and
-``distributed`` (see :mod:`compare.suite`)."""
+"""The suites of ``compare.run`` made of checks: ``equivalence`` and ``spec`` (see
+:mod:`compare.suite`; ``distributed`` is ``compare.parallel.suite``'s)."""
 
 from __future__ import annotations
 
@@ -45,26 +45,9 @@ def _spec(args: argparse.Namespace, progress: Progress, saved: Saved) -> dict:
     return {"spec": facts, "train_equivalence": train}
 
 
-def _distributed(args: argparse.Namespace, progress: Progress, saved: Saved) -> dict:
-    """JAX on 2, 4 and 8 simulated CPU devices (a subprocess), torch DDP on 2 processes.
-    Correctness only: throughput scaling needs a real multi-GPU machine."""
-    import tempfile
-
-    from compare.checks import parallel_jax, parallel_torch
-
-    progress(None, 2)
-    records = parallel_jax.run_in_subprocess((2, 4, 8))
-    progress("jax on 2, 4 and 8 devices", None)
-    with tempfile.TemporaryDirectory() as tmp:
-        records += parallel_torch.checks(tmp)
-    progress("torch DDP on 2 processes", None)
-    return {"distributed": records}
-
-
 EQUIVALENCE = Suite(
     "equivalence",
     "every model on linen and nnx: the same weights give the same eval-mode logits (float32 and bfloat16)",
     _equivalence,
 )
 SPEC = Suite("spec", "every fact of SEMANTICS.md against the installed versions, and train-mode equivalence", _spec)
-DISTRIBUTED = Suite("distributed", "data parallelism and BatchNorm: JAX shard_map and torch DDP", _distributed)

@@ -23,7 +23,7 @@ from compare import records
 from compare.io import limits
 
 NUMBER_STRINGS = ("nan", "inf", "-inf")  # how results.write keeps non-finite floats
-LISTS = {**records.KINDS, "train_equivalence": (records.TrainEquivalenceRecord,)}
+LISTS = records.KINDS
 Scalar = str | int | float | bool | None
 META = {
     "schema_version": int, "compare_version": str | None, "python": str | None, "device": str | None,

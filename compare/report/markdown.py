@@ -10,10 +10,13 @@ from compare.bench import load
 from compare.bench.sweep import speedups
 from compare.records import (
     BenchRecord,
+    CollectiveRecord,
+    CommModelRecord,
     DistributedRecord,
     EquivalenceRecord,
     SpecRecord,
     Speedup,
+    StepTimeRecord,
     TrainEquivalenceRecord,
     TrainRecord,
 )
@@ -40,6 +43,28 @@ def _md_table(columns: tuple[str, ...], rows: list[dict]) -> list[str]:
     """A markdown table of ``rows`` (dicts) with ``columns``."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c), c).replace("|", "\\|") for c in columns) + " |" for r in rows]
+    return lines
+
+
+def _distributed_md(results: dict) -> list[str]:
+    """The distributed suite: the checks, the collectives counted, the paper model, the step times."""
+    lines = []
+    if results.get("distributed"):
+        lines += ["## Data parallelism: BatchNorm across devices and processes (correctness)", "",
+                  *_md_table(DistributedRecord.columns(), results["distributed"]), ""]  # fmt: skip
+    if results.get("distributed_collectives"):
+        lines += ["## Collectives per training step, counted", "",
+                  "Critical: BatchNorm's collectives (and DDP's buffer broadcast), which no compute hides.", "",
+                  *_md_table(CollectiveRecord.columns(), results["distributed_collectives"]), ""]  # fmt: skip
+    if results.get("distributed_comm_model"):
+        lines += ["## On paper: communication per step on a GPU cluster against the H100 step time", "",
+                  "![paper model](distributed_comm_model.png)", "",
+                  *_md_table(CommModelRecord.columns(), results["distributed_comm_model"]), ""]  # fmt: skip
+    if results.get("distributed_steps"):
+        lines += ["## Step times on this machine: 1 and 2 processes of one device each", "",
+                  "What they show and do not show: docs/distributed.md.", "",
+                  "![step times](distributed_step_times.png)", "",
+                  *_md_table(StepTimeRecord.columns(), results["distributed_steps"]), ""]  # fmt: skip
     return lines
 
 
@@ -254,13 +279,8 @@ def render(results: dict[str, Any], out: Path | None = None) -> str:
         lines += _bench_md(results, out)
     if "train" in results:
         lines += _train_md(results, out)
-    if "distributed" in results:
-        lines += [
-            "## Data parallelism: BatchNorm statistics across devices (correctness, CPU-simulated devices)",
-            "",
-            *_md_table(DistributedRecord.columns(), results["distributed"]),
-            "",
-        ]
+    if any(k.startswith("distributed") for k in results):
+        lines += _distributed_md(results)
     if "spec" in results:
         facts = results["spec"]
         passed = sum(r["ok"] is True for r in facts)
