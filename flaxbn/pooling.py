@@ -96,9 +96,9 @@ def max_pool(x: jax.Array, kernel, stride=None, padding=0, dilation=1, ceil_mode
     if x.ndim == 4 and kernel == stride == (2, 2) and padding == (0, 0) and dilation == (1, 1):
         if x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
             return max_pool_2x2(x)
-    init = jnp.array(-jnp.inf, x.dtype)
+    # a Python scalar init: JAX then uses its differentiable max/sum windows (an array init gives a generic one)
     return lax.reduce_window(
-        x, init, lax.max, (1, *kernel, 1), (1, *stride, 1), pads, window_dilation=(1, *dilation, 1)
+        x, -jnp.inf, lax.max, (1, *kernel, 1), (1, *stride, 1), pads, window_dilation=(1, *dilation, 1)
     )
 
 
@@ -116,14 +116,14 @@ def avg_pool(
     input elements in it, or by ``divisor_override``."""
     kernel, stride, padding, _, pads = _geometry(x, kernel, stride, padding, 1, ceil_mode)
     window, strides = (1, *kernel, 1), (1, *stride, 1)
-    sums = lax.reduce_window(x, jnp.array(0, x.dtype), lax.add, window, strides, pads)
+    sums = lax.reduce_window(x, 0.0, lax.add, window, strides, pads)
     if divisor_override:
         return sums / divisor_override
     ones = jnp.ones((1, *x.shape[1:-1], 1), x.dtype)
     if count_include_pad:  # the explicit padding counts, the extra of ceil_mode does not
         ones = jnp.pad(ones, ((0, 0), *((p, p) for p in padding), (0, 0)), constant_values=1)
         pads = ((0, 0), *((0, max(hi - p, 0)) for p, (_, hi) in zip(padding, pads[1:-1], strict=True)), (0, 0))
-    counts = lax.reduce_window(ones, jnp.array(0, x.dtype), lax.add, window, strides, pads)
+    counts = lax.reduce_window(ones, 0.0, lax.add, window, strides, pads)
     return sums / counts
 
 

@@ -12,6 +12,7 @@ import types
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
@@ -72,13 +73,13 @@ class Ported:
         self.cls = load_source(self.source, generated.class_name, f"<compare.port {generated.class_name} {self.api}>")
         self._jitted: dict[str, Any] = {}
         self._checked_shapes = {example_shape}
-        self._key, self._calls = jax.random.key(seed), 0
+        self.seed, self._key, self._calls = seed, jax.random.key(seed), 0
         with self.x64():
             if self.api == "linen":
                 self.module = self.cls()
+                self.load_torch()
             else:
-                self.model = self.cls(rngs=nnx.Rngs(seed))
-            self.load_torch()
+                self.model = self.new_model()
 
     @property
     def float_dtype(self) -> type:
@@ -92,13 +93,38 @@ class Ported:
 
     def load_torch(self, state_dict=None) -> None:
         """Load a torch state_dict (default: the torch model's current weights) into the Flax side."""
-        sd = self.torch_model.state_dict() if state_dict is None else state_dict
-        flat = weights.torch_to_flat(sd, self.moves, self.unused, float_dtype=self.float_dtype)
+        flat = self.torch_flat(state_dict)
         with self.x64():
             if self.api == "linen":
                 self.variables = transfer.flat_to_linen(flat)
             else:
                 transfer.flat_into_nnx(self.model, flat, what="torch -> ported nnx", float_dtype=self.float_dtype)
+
+    def torch_flat(self, state_dict=None) -> dict[str, np.ndarray]:
+        """A torch state_dict (default: the torch model's) as flat Flax arrays, validated."""
+        sd = self.torch_model.state_dict() if state_dict is None else state_dict
+        return weights.torch_to_flat(sd, self.moves, self.unused, float_dtype=self.float_dtype)
+
+    def new_model(self, flat=None) -> nnx.Module:
+        """A new nnx model holding ``flat`` (default: the torch model's weights). It is built
+        abstractly (no random initialisation: every weight is overwritten) and given
+        concrete ``dropout`` streams from the port's seed."""
+        with self.x64():
+            model = nnx.eval_shape(lambda: self.cls(rngs=nnx.Rngs(self.seed)))
+            streams = []
+            for i, (path, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.RngState))):
+                dtype = var.get_value().dtype
+                value = (
+                    jax.random.fold_in(jax.random.key(self.seed), i)
+                    if isinstance(var, nnx.RngKey)
+                    else jnp.zeros((), dtype)
+                )
+                streams.append((path, var.replace(value)))
+            if streams:
+                nnx.update(model, nnx.from_flat_state(streams))
+            flat = self.torch_flat() if flat is None else flat
+            transfer.flat_into_nnx(model, flat, what="torch -> ported nnx", float_dtype=self.float_dtype)
+        return model
 
     def flat(self) -> dict[str, np.ndarray]:
         """The Flax weights, flat: ``{"params/conv1/kernel": array, ...}``."""
