@@ -55,20 +55,6 @@ class Generator:
         self.problems: list[str] = []
         self.sites: list[Site] = []
 
-    def unique_path(self, preferred: str) -> str:
-        path, i = preferred, 1
-        while self._lookup(path) is not None or (("." not in path) and path in self.children and path != preferred):
-            path, i = f"{preferred}_{i}", i + 1
-        return path
-
-    def _lookup(self, path: str):
-        level: Any = self.tree
-        for part in path.split("."):
-            if not isinstance(level, dict) or part not in level:
-                return None
-            level = level[part]
-        return level
-
     def declare(self, path: str, linen: str, nnx: str) -> str:
         self._place(path, ("layer", linen, nnx))
         return self.access(path)
@@ -150,33 +136,32 @@ class Generator:
 
     def _output(self, e: Emitter, out: Any) -> Any:
         """The return line, and the output structure (layouts of tensors, None for Python)."""
-
-        def walk(a):
-            if isinstance(a, fx.Node):
-                v = e.value(a)
-                if isinstance(v, SeqValue):
-                    return type(e.example(a))(walk_value(i) for i in v.items), f"{v.name}"
-                return walk_value(v)
-            if isinstance(a, (list, tuple)):
-                parts = [walk(x) for x in a]
-                inner = ", ".join(p[1] for p in parts) + ("," if isinstance(a, tuple) and len(a) == 1 else "")
-                brackets = "[]" if isinstance(a, list) else "()"
-                return type(a)(p[0] for p in parts), f"{brackets[0]}{inner}{brackets[1]}"
-            if isinstance(a, dict):
-                parts = {k: walk(x) for k, x in a.items()}
-                return {k: p[0] for k, p in parts.items()}, "{" + ", ".join(
-                    f"{k!r}: {p[1]}" for k, p in parts.items()
-                ) + "}"
-            return None, repr(a)
-
-        def walk_value(v):
-            if isinstance(v, TensorValue):
-                return v.layout, v.name
-            return None, e.py_of(v)
-
-        structure, expr = walk(out)
+        try:
+            structure, expr = _returned(e, out)
+        except KeyError:  # a value a refused node would have made
+            if not self.problems:
+                raise
+            return None
         e.lines.append(f"return {expr}")
         return structure
+
+
+def _returned(e: Emitter, a: Any) -> tuple[Any, str]:
+    """(structure, expression) of what forward returns: tensors, Python values, and
+    tuples, lists and dicts of them."""
+    v = e.value(a) if isinstance(a, fx.Node) else a
+    if isinstance(v, TensorValue):
+        return v.layout, v.name
+    if isinstance(v, SeqValue):
+        return tuple(_returned(e, item)[0] for item in v.items), v.name
+    if isinstance(v, (list, tuple)):
+        parts = [_returned(e, x) for x in v]
+        inner = ", ".join(p[1] for p in parts) + ("," if isinstance(v, tuple) and len(v) == 1 else "")
+        return type(v)(p[0] for p in parts), f"[{inner}]" if isinstance(v, list) else f"({inner})"
+    if isinstance(v, dict):
+        parts = {k: _returned(e, x) for k, x in v.items()}
+        return {k: p[0] for k, p in parts.items()}, "{" + ", ".join(f"{k!r}: {p[1]}" for k, p in parts.items()) + "}"
+    return None, e.py_of(v)
 
 
 def _same(a: np.ndarray) -> np.ndarray:

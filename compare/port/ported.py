@@ -32,7 +32,7 @@ def port(torch_model: torch.nn.Module, example_input: Any, api: str = "linen", *
     cannot be ported, with the supported set.
     """
     x = torch.as_tensor(np.asarray(example_input) if not isinstance(example_input, torch.Tensor) else example_input)
-    dtype = _float_dtype(torch_model)
+    dtype = _float_dtype(torch_model, x.dtype)
     x = x.to(dtype)
     is_leaf = lambda m: ops.module_form(m) is not None  # noqa: E731
     traced_eval, traced_train = (trace(torch_model, x, mode, is_leaf) for mode in ("eval", "train"))
@@ -41,8 +41,9 @@ def port(torch_model: torch.nn.Module, example_input: Any, api: str = "linen", *
     return Ported(torch_model, generated, tuple(x.shape), dtype, seed, traced_train)
 
 
-def _float_dtype(model: torch.nn.Module) -> torch.dtype:
-    dtypes = {t.dtype for t in model.state_dict().values() if t.is_floating_point()}
+def _float_dtype(model: torch.nn.Module, example: torch.dtype) -> torch.dtype:
+    """float64 when the model holds float64 tensors (or holds none and the input is float64)."""
+    dtypes = {t.dtype for t in model.state_dict().values() if t.is_floating_point()} or {example}
     if dtypes - {torch.float32, torch.float64}:
         raise PortError(f"the model holds {sorted(map(str, dtypes))}: port a float32 or float64 model")
     return torch.float64 if torch.float64 in dtypes else torch.float32

@@ -202,6 +202,11 @@ def _resolve_inplace(gm: fx.GraphModule, where: dict[str, Where]) -> list[str]:
 def trace(model: nn.Module, example: torch.Tensor, mode: str, is_leaf: Callable[[nn.Module], bool]) -> Traced:
     """Trace ``model`` in ``mode`` ("eval" or "train") and run the trace once on
     ``example``, leaving the model's state as it was."""
+    if is_leaf(model):
+        raise PortError(
+            f"{type(model).__name__} is a single layer, which fx does not trace as a network:"
+            " port nn.Sequential(layer), or the network it belongs to"
+        )
     with preserved(model):
         model.train(mode == "train")
         tracer = _Tracer(is_leaf)

@@ -19,6 +19,7 @@ HANDLERS = {
     "gelu": elementwise.gelu,
     "leaky_relu": elementwise.leaky_relu,
     "identity": elementwise.identity,
+    "neg": elementwise.neg,
     **{kind: elementwise.arithmetic for kind in ("add", "sub", "mul", "truediv", "floordiv")},
     "max_pool": pooling.max_pool,
     "avg_pool": pooling.avg_pool,

@@ -86,6 +86,14 @@ def arithmetic(e, c: Call) -> None:
     e.out_tensor(f"{left} {symbol} {right}", main.layout)
 
 
+def neg(e, c: Call) -> None:
+    v = e.value(c.args["input"])
+    if isinstance(v, TensorValue):
+        e.out_tensor(f"-{v.name}", v.layout)
+    else:
+        e.out_py(f"-{e.py_of(v)}")
+
+
 def _numel(t: TensorValue) -> int:
     n = 1
     for s in t.shape:

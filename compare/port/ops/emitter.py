@@ -33,6 +33,7 @@ class Emitter:
         self._converted: dict[tuple[str, Layout], TensorValue] = {}
         self.node: fx.Node | None = None
         self.names: set[str] = set(RESERVED)
+        self._random_calls: dict[str, int] = {}
 
     def fresh(self, name: str) -> str:
         """A new local variable name (fx's node name when it is free)."""
@@ -116,9 +117,15 @@ class Emitter:
         """Declare the layer at ``path`` (once) and return the expression that calls it."""
         return self.gen.declare(path, linen, nnx)
 
-    def random_layer(self, preferred: str, linen: str, nnx: str) -> str:
-        """A Dropout-like layer: each call site has its own (same-mask bookkeeping)."""
-        path = self.gen.unique_path(preferred)
+    def random_layer(self, preferred: str, linen: str, nnx: str, functional: bool) -> str:
+        """A Dropout-like layer of its own for each call in this forward (a module called
+        twice gets ``path`` and ``path_1``): one mask per call. A functional one sits at the
+        top level, named after its node, away from torch's own names there."""
+        count = self._random_calls.get(preferred, 0)
+        self._random_calls[preferred] = count + 1
+        path = preferred if count == 0 else f"{preferred}_{count}"
+        while functional and path in self.gen.children:
+            path = f"{path}_call"
         self.gen.declare(path, linen, nnx)
         return path
 

@@ -54,6 +54,7 @@ def _params(e, c: Call, names: tuple[str, ...]) -> tuple[str, dict[str, str | No
     owner = owners.pop()
     first = next(iter(found.values()))[1]
     path = owner if first in names else ".".join(filter(None, [owner, first]))
+    path = path or c.node.name  # the network's own parameters: a layer named after the node
     keys = {n: (".".join(filter(None, [found[n][0], found[n][1]])) if n in found else None) for n in names}
     return path, keys, {n: found[n][2] for n in found}
 
@@ -243,7 +244,8 @@ def dropout(e, c: Call) -> None:
         mask_shape = (x.shape[0], x.shape[1], *(1,) * (x.ndim - 2))
     else:
         mask_shape = x.shape
-    path = e.random_layer(c.path or c.node.name, f"nn.Dropout({options})", f"nnx.Dropout({options}, rngs=rngs)")
+    preferred = c.path or c.node.name
+    path = e.random_layer(preferred, f"nn.Dropout({options})", f"nnx.Dropout({options}, rngs=rngs)", not c.path)
     _random_call(e, c, e.gen.access(path), x, "dropout", p, mask_shape, path)
 
 
@@ -260,8 +262,7 @@ def stochastic_depth(e, c: Call) -> None:
     preferred = owner if owner_type == "StochasticDepth" else c.node.name
     batch = x.layout.axis(0)
     options = f"{p}, {mode!r}" + (f", batch_axis={batch}" if batch else "")
-    path = e.random_layer(
-        preferred, f"ported.LinenStochasticDepth({options})", f"ported.NnxStochasticDepth({options}, rngs=rngs)"
-    )
+    linen, nnx = f"ported.LinenStochasticDepth({options})", f"ported.NnxStochasticDepth({options}, rngs=rngs)"
+    path = e.random_layer(preferred, linen, nnx, preferred == c.node.name)
     mask_shape = (x.shape[0] if mode == "row" else 1, *(1,) * (x.ndim - 1))
     _random_call(e, c, e.gen.access(path), x, "stochastic_depth", p, mask_shape, path)

@@ -44,17 +44,16 @@ class Form:
 
     @property
     def name(self) -> str:
+        """How a user writes it: ``Conv2d``, ``torch.nn.functional.conv2d``, ``Tensor.view``."""
         if self.form == "module":
             return self.target.__name__
         if self.form == "method":
             return f"Tensor.{self.target}"
-        module = getattr(self.target, "__module__", None) or "torch"
-        module = {
-            "_operator": "operator",
-            "torch._C._nn": "torch.nn.functional",
-            "torch._C._VariableFunctions": "torch",
-        }.get(module, module)
-        return f"{module}.{self.target.__name__}"
+        name = self.target.__name__
+        for prefix, namespace in (("torch.nn.functional", F), ("torch", torch), ("operator", operator)):
+            if getattr(namespace, name, None) is self.target:
+                return f"{prefix}.{name}"
+        return f"{getattr(self.target, '__module__', None) or 'builtins'}.{name}"
 
 
 def _sig(fn: Callable) -> inspect.Signature:
@@ -239,7 +238,7 @@ _add("getattr", functions=[getattr], sig=lambda input, name: None)
 
 # --- arithmetic: tensors (broadcasting, any layout) and Python ints (shape arithmetic) -------------
 _BINARY = lambda input, other, alpha=1: None  # noqa: E731
-_add("add", functions=[operator.add, torch.add], methods=["add", "add_", "__add__", "__radd__"], sig=_BINARY)
+_add("add", functions=[operator.add, torch.add], methods=["add", "add_"], sig=_BINARY)
 _add("sub", functions=[operator.sub, torch.sub], methods=["sub", "sub_"], sig=_BINARY)
 _add("mul", functions=[operator.mul, torch.mul], methods=["mul", "mul_"], sig=lambda input, other: None)
 _add(
@@ -249,6 +248,7 @@ _add(
     sig=lambda input, other, rounding_mode=None: None,
 )
 _add("floordiv", functions=[operator.floordiv], sig=lambda input, other: None)
+_add("neg", functions=[operator.neg, torch.neg], methods=["neg"], sig=lambda input: None)
 
 _MODULES = [f for f in FORMS if f.form == "module"]
 _FUNCTIONS = {f.target: f for f in FORMS if f.form == "function"}
