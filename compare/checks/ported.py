@@ -186,7 +186,7 @@ def _flax_step(ported: Ported, state_dict, x, masks, loss_fn: _Loss, lr: float) 
 
 
 def _first_structure(ported: Ported):
-    structure = ported.generated.outputs
+    structure = ported.generated.outputs["train"]
     return jax.tree.leaves(structure)[0] if isinstance(structure, (list, tuple, dict)) else structure
 
 

@@ -34,7 +34,7 @@ class Generated:
     moves: list[Move]
     sites: list[Site]
     input_layout: Layout
-    outputs: Any  # the output's structure: Layout for a tensor, None for a Python value
+    outputs: dict[str, Any]  # per mode ("eval", "train"): Layout for a tensor, None for a Python value
     conversions: int  # transposes in the generated forward(s)
     split: bool  # one forward per mode
 
@@ -53,6 +53,7 @@ class Generator:
         self.moves: dict[str, Move] = {}
         self.conversions = 0
         self.problems: list[str] = []
+        self.refused: set[str] = set()  # nodes without a value: refused, or fed by a refused one
         self.sites: list[Site] = []
 
     def declare(self, path: str, linen: str, nnx: str) -> str:
@@ -116,23 +117,29 @@ class Generator:
         return e.lines, outputs
 
     def _node(self, e: Emitter, node: fx.Node) -> None:
+        """One node's line, or its problem; a node that only fails because an argument
+        was refused is not listed again."""
         where = e.traced.where[node.name]
         try:
             call = ops.lookup(node, e.modules)
         except TypeError as err:
-            self.problems.append(f"{_describe(node, e.modules)}: arguments do not bind ({err}) {where}")
+            self._refuse(node, f"{_describe(node, e.modules)}: arguments do not bind ({err}) {where}")
             return
         if call is None:
-            self.problems.append(f"{_describe(node, e.modules)} {where}")
+            self._refuse(node, f"{_describe(node, e.modules)} {where}")
             return
         try:
             ops.HANDLERS[call.kind](e, call)
         except Unsupported as err:
-            self.problems.append(f"{_describe(node, e.modules)}: {err} {where}")
-        except KeyError as err:  # an argument produced by a node that was itself refused
-            if not self.problems:
+            self._refuse(node, f"{_describe(node, e.modules)}: {err} {where}")
+        except KeyError as err:
+            if err.args[0] not in self.refused:
                 raise
-            self.problems.append(f"{_describe(node, e.modules)}: needs {err}, which was refused {where}")
+            self.refused.add(node.name)
+
+    def _refuse(self, node: fx.Node, problem: str) -> None:
+        self.refused.add(node.name)
+        self.problems.append(problem)
 
     def _output(self, e: Emitter, out: Any) -> Any:
         """The return line, and the output structure (layouts of tensors, None for Python)."""
@@ -251,9 +258,9 @@ def generate(model: nn.Module, traced_eval: Traced, traced_train: Traced, api: s
             f"Supported functions: {', '.join(table['function'])}\n"
             f"Supported tensor methods: {', '.join(table['method'])}"
         )
-    outputs = bodies["forward_train" if split else "__call__"][1]
+    outputs = {mode: bodies[f"forward_{mode}" if split else "__call__"][1] for mode in ("eval", "train")}
     placeholder = next(n for n in traced_train.nodes if n.op == "placeholder").name
     source = render.module(gen.tree, api, model, class_name, placeholder, bodies, split, input_layout, outputs)
-    return Generated(
-        source, class_name, api, list(gen.moves.values()), gen.sites, input_layout, outputs, gen.conversions, split
-    )
+    order = {k: i for i, k in enumerate(model.state_dict())}  # the moves in state_dict order, as transfer.plan's
+    moves = sorted(gen.moves.values(), key=lambda m: order[m.torch_key])
+    return Generated(source, class_name, api, moves, gen.sites, input_layout, outputs, gen.conversions, split)

@@ -8,6 +8,7 @@ weight map. The command line writes the same source to a file.
 from __future__ import annotations
 
 import linecache
+import logging
 import types
 from typing import Any
 
@@ -148,9 +149,8 @@ class Ported:
         self.check_shape(x.shape)
         return layout.to_flax(x, self.generated.input_layout)
 
-    def torch_output(self, out: Any, structure: Any = None) -> Any:
-        """The generated module's output in torch's layouts."""
-        structure = self.generated.outputs if structure is None else structure
+    def torch_output(self, out: Any, structure: Any) -> Any:
+        """The generated module's output (of ``structure``, ``generated.outputs[mode]``) in torch's layouts."""
         if isinstance(structure, layout.Layout):
             return layout.to_torch(np.asarray(out), structure)
         if isinstance(structure, dict):
@@ -185,7 +185,7 @@ class Ported:
         if not train:
             if "eval" not in self._jitted:
                 self._jitted["eval"] = jax.jit(lambda v, x: self.module.apply(v, x, train=False))
-            return self.torch_output(self._jitted["eval"](self.variables, xf))
+            return self.torch_output(self._jitted["eval"](self.variables, xf), self.generated.outputs["eval"])
         if "train" not in self._jitted:
             apply = self.module.apply
             self._jitted["train"] = jax.jit(
@@ -193,21 +193,21 @@ class Ported:
             )
         out, updates = self._jitted["train"](self.variables, xf, self._key_for(rngs))
         self.variables = {**self.variables, "batch_stats": updates["batch_stats"]}
-        return self.torch_output(out), jax.tree.map(np.asarray, updates["batch_stats"])
+        return self.torch_output(out, self.generated.outputs["train"]), jax.tree.map(np.asarray, updates["batch_stats"])
 
     def _run_nnx(self, xf, train: bool, rngs):
         if "call" not in self._jitted:
             self._jitted["call"] = nnx.jit(lambda model, x: model(x))
         if not train:
             self.model.eval()
-            return self.torch_output(self._jitted["call"](self.model, xf))
+            return self.torch_output(self._jitted["call"](self.model, xf), self.generated.outputs["eval"])
         if rngs is not None:
             nnx.reseed(self.model, dropout=self._key_for(rngs))
         self.model.train()
         out = self._jitted["call"](self.model, xf)
         self.model.eval()
         stats = transfer.flat_to_linen({k: v for k, v in self.flat().items() if k.startswith("batch_stats/")})
-        return self.torch_output(out), jax.tree.map(np.asarray, stats["batch_stats"])
+        return self.torch_output(out, self.generated.outputs["train"]), jax.tree.map(np.asarray, stats["batch_stats"])
 
     def check_shape(self, shape: tuple[int, ...]) -> None:
         """Another input shape than the traced one: torch must accept it (checked on fake
@@ -216,7 +216,18 @@ class Ported:
             return
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        with preserved(self.torch_model), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        quiet = logging.getLogger("torch._subclasses.fake_tensor")  # it logs each refusal as an error; we raise it
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
+        try:
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                self._fake_run(shape, mode)
+        finally:
+            quiet.setLevel(level)
+        self._checked_shapes.add(tuple(shape))
+
+    def _fake_run(self, shape: tuple[int, ...], mode) -> None:
+        with preserved(self.torch_model):
             self.torch_model.eval()
             try:
                 self.torch_model(mode.from_tensor(torch.empty(shape, dtype=self.dtype)))
@@ -225,4 +236,3 @@ class Ported:
                 raise PortError(
                     f"torch refuses the input shape {tuple(shape)} (traced at {self.example_shape}): {first}"
                 ) from None
-        self._checked_shapes.add(tuple(shape))

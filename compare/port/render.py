@@ -23,7 +23,9 @@ def module(
     lines = [f"class {name}({'nn.Module' if api == 'linen' else 'nnx.Module'}):"]
     lines += [f'    """{origin}, ported to Flax {api} by ``compare.port``.', ""]
     lines += [f"    Input: {layout.describe()}, torch's {Layout.identity(layout.ndim).describe()} in this order."]
-    lines += [f"    Output: {_describe(outputs)}."]
+    lines += [f"    Output: {_describe(outputs['eval'])}."]
+    if outputs["train"] != outputs["eval"]:
+        lines += [f"    Output in training: {_describe(outputs['train'])}."]
     if split:
         lines += ["", "    torch traces this network differently in train and eval mode: one forward per mode."]
     lines += ['    """', ""]
