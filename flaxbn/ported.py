@@ -138,8 +138,26 @@ def load_linen(path: str | Path) -> dict:
     return {"params": {}, "batch_stats": {}, **nested}
 
 
-def load_nnx(model: nnx.Module, path: str | Path) -> nnx.Module:
-    """Write a weights file into ``model`` (every key and shape must match) and return it."""
+def new_nnx(cls: type, seed: int = 0, **kwargs) -> nnx.Module:
+    """An nnx model of a generated class without its random initialisation (every weight
+    is overwritten next, by :func:`load_nnx` or ``compare.port``): built abstractly, with
+    concrete ``dropout`` streams from ``seed``."""
+    model = nnx.eval_shape(lambda: cls(rngs=nnx.Rngs(seed), **kwargs))
+    streams = []
+    for i, (keys, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.RngState))):
+        dtype = var.get_value().dtype
+        value = jax.random.fold_in(jax.random.key(seed), i) if isinstance(var, nnx.RngKey) else jnp.zeros((), dtype)
+        streams.append((keys, var.replace(value)))
+    if streams:
+        nnx.update(model, nnx.from_flat_state(streams))
+    return model
+
+
+def load_nnx(model: nnx.Module | type, path: str | Path) -> nnx.Module:
+    """Write a weights file into ``model`` (every key and shape must match) and return it;
+    given the generated class instead, the model is made by :func:`new_nnx` first."""
+    if isinstance(model, type):
+        model = new_nnx(model)
     flat = _read(path)
     current = {}
     for keys, var in nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat))):

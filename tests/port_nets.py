@@ -507,3 +507,14 @@ FAMILIES: dict[str, Callable[[], tuple[nn.Module, tuple[int, ...]]]] = {
     "convnext": lambda: (ConvNeXt(), (3, 32, 32)),
     "conv1d": lambda: (Net1d(), (4, 16)),
 }
+
+
+class WithUpsample(nn.Module):
+    """Not portable: an Upsample module and a tensor slice."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.up = nn.Conv2d(3, 4, 3, padding=1), nn.Upsample(scale_factor=2)
+
+    def forward(self, x):
+        return self.up(self.conv(x))[:, :2]

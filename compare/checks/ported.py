@@ -41,7 +41,11 @@ def check_eval(ported: Ported, x: np.ndarray, *, name: str = "port", tol: tolera
     with preserved(model), torch.no_grad():
         model.eval()
         want = model(torch.as_tensor(np.asarray(x, ported.float_dtype)))
-    got = ported.run(x)
+    return compare_outputs(ported.run(x), want, ported, name, tol)
+
+
+def compare_outputs(got, want, ported: Ported, name: str, tol: tolerances.Tolerance | None = None) -> dict:
+    """The eval record of Flax outputs ``got`` against torch's ``want`` (the same structure)."""
     if tol is None:
         tol = tolerances.get("eval.float64" if ported.dtype == torch.float64 else f"eval.{name}")
     diff = diffs.tree_diff(_leaves(got), _leaves(want))

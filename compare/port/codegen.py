@@ -19,6 +19,7 @@ from torch import fx, nn
 from compare.port import ops, render
 from compare.port.layout import Layout
 from compare.port.ops.emitter import RESERVED, Emitter
+from compare.port.ops.table import function_name
 from compare.port.ops.values import SeqValue, Site, TensorValue, Unsupported
 from compare.port.trace import PortError, TensorInfo, Traced
 from compare.transfer import Move
@@ -120,6 +121,8 @@ class Generator:
         """One node's line, or its problem; a node that only fails because an argument
         was refused is not listed again."""
         where = e.traced.where[node.name]
+        if node.op == "call_module":  # the description names the module already
+            where = f"({where.source})" if where.source else ""
         try:
             call = ops.lookup(node, e.modules)
         except TypeError as err:
@@ -180,10 +183,7 @@ def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
         return f"module {type(modules[node.target]).__name__} at {node.target!r}"
     if node.op == "call_method":
         return f"method Tensor.{node.target}"
-    target = node.target
-    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", str(target))
-    module = getattr(target, "__module__", None)
-    return f"function {module + '.' if module and module not in ('_operator', 'builtins') else ''}{name}"
+    return f"function {function_name(node.target)}"
 
 
 # --- the whole module ---------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import types
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
@@ -21,15 +20,19 @@ from flax import nnx
 from compare import transfer
 from compare.port import codegen, layout, ops, weights
 from compare.port.trace import PortError, preserved, trace
+from flaxbn import ported as flax_ported
 
 
-def port(torch_model: torch.nn.Module, example_input: Any, api: str = "linen", *, seed: int = 0) -> Ported:
+def port(
+    torch_model: torch.nn.Module, example_input: Any, api: str = "linen", *, seed: int = 0, name: str | None = None
+) -> Ported:
     """Trace ``torch_model`` (in eval and in train mode) on ``example_input`` (NCHW, as
     torch takes it), generate its Flax ``api`` ("linen" or "nnx") module and load its
     weights. The model is left as it was (mode, statistics, torch's random state).
 
     A float64 model (``model.double()``) gives a float64 port (JAX's x64 mode is switched
-    on around every call of the port). Raises :class:`PortError` listing every node that
+    on around every call of the port). ``name`` is the generated class's (default: the
+    torch class's); ``seed`` seeds the Flax side's dropout stream. Raises :class:`PortError` listing every node that
     cannot be ported, with the supported set.
     """
     x = torch.as_tensor(np.asarray(example_input) if not isinstance(example_input, torch.Tensor) else example_input)
@@ -37,7 +40,9 @@ def port(torch_model: torch.nn.Module, example_input: Any, api: str = "linen", *
     x = x.to(dtype)
     is_leaf = lambda m: ops.module_form(m) is not None  # noqa: E731
     traced_eval, traced_train = (trace(torch_model, x, mode, is_leaf) for mode in ("eval", "train"))
-    name = _class_name(torch_model)
+    name = name or _class_name(torch_model)
+    if not name.isidentifier() or name in codegen.RESERVED:
+        raise ValueError(f"name {name!r} is not a usable class name")
     generated = codegen.generate(torch_model, traced_eval, traced_train, api, name)
     return Ported(torch_model, generated, tuple(x.shape), dtype, seed, traced_train)
 
@@ -108,22 +113,10 @@ class Ported:
         return weights.torch_to_flat(sd, self.moves, self.unused, float_dtype=self.float_dtype)
 
     def new_model(self, flat=None) -> nnx.Module:
-        """A new nnx model holding ``flat`` (default: the torch model's weights). It is built
-        abstractly (no random initialisation: every weight is overwritten) and given
-        concrete ``dropout`` streams from the port's seed."""
+        """A new nnx model holding ``flat`` (default: the torch model's weights), built
+        without random initialisation (``flaxbn.ported.new_nnx``)."""
         with self.x64():
-            model = nnx.eval_shape(lambda: self.cls(rngs=nnx.Rngs(self.seed)))
-            streams = []
-            for i, (path, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.RngState))):
-                dtype = var.get_value().dtype
-                value = (
-                    jax.random.fold_in(jax.random.key(self.seed), i)
-                    if isinstance(var, nnx.RngKey)
-                    else jnp.zeros((), dtype)
-                )
-                streams.append((path, var.replace(value)))
-            if streams:
-                nnx.update(model, nnx.from_flat_state(streams))
+            model = flax_ported.new_nnx(self.cls, self.seed)
             flat = self.torch_flat() if flat is None else flat
             transfer.flat_into_nnx(model, flat, what="torch -> ported nnx", float_dtype=self.float_dtype)
         return model

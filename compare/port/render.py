@@ -107,7 +107,7 @@ def _header(model: nn.Module, name: str, api: str, code: str) -> str:
         ]
     else:
         use = [
-            f'model = flaxbn.ported.load_nnx({name}(rngs=nnx.Rngs(0)), "{file}")',
+            f'model = flaxbn.ported.load_nnx({name}, "{file}")  # or an instance: {name}(rngs=nnx.Rngs(0))',
             "model.eval()  # then y = model(x)",
             "model.train()  # batch statistics, running statistics updated in place, the dropout stream",
         ]

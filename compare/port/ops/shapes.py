@@ -6,9 +6,12 @@ moves); a reshape moves data only when torch's row-major order cannot be had in 
 
 from __future__ import annotations
 
+from torch import fx
+
 from compare.port.layout import inserted, permuted, reduced, reshape_plan
 from compare.port.ops.table import Call
 from compare.port.ops.values import PyValue, SeqValue, TensorValue, Unsupported, constant
+from compare.port.trace import TensorInfo
 
 
 def _plain(e, arg) -> TensorValue:
@@ -103,11 +106,11 @@ def getattr_(e, c: Call) -> None:
 
 
 def getitem(e, c: Call) -> None:
+    if isinstance(c.args["input"], fx.Node) and isinstance(e.example(c.args["input"]), TensorInfo):
+        raise Unsupported("indexing or slicing a tensor")  # known from the trace, before the input's value
     obj, index = e.value(c.args["input"]), c.args["index"]
     if isinstance(obj, SeqValue):
         e.alias(obj.items[constant(index, "index")])
-    elif isinstance(obj, TensorValue):
-        raise Unsupported("indexing or slicing a tensor")
     elif isinstance(obj, PyValue):
         e.out_py(f"{obj.expr}[{e.py(index)}]")
     else:

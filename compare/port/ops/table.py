@@ -49,11 +49,16 @@ class Form:
             return self.target.__name__
         if self.form == "method":
             return f"Tensor.{self.target}"
-        name = self.target.__name__
-        for prefix, namespace in (("torch.nn.functional", F), ("torch", torch), ("operator", operator)):
-            if getattr(namespace, name, None) is self.target:
-                return f"{prefix}.{name}"
-        return f"{getattr(self.target, '__module__', None) or 'builtins'}.{name}"
+        return function_name(self.target)
+
+
+def function_name(fn: Callable) -> str:
+    """A function as a user writes it: ``torch.nn.functional.conv2d``, ``operator.add``."""
+    name = getattr(fn, "__name__", str(fn))
+    for prefix, namespace in (("torch.nn.functional", F), ("torch", torch), ("operator", operator)):
+        if getattr(namespace, name, None) is fn:
+            return f"{prefix}.{name}"
+    return f"{getattr(fn, '__module__', None) or 'builtins'}.{getattr(fn, '__qualname__', name)}"
 
 
 def _sig(fn: Callable) -> inspect.Signature:
