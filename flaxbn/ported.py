@@ -31,13 +31,13 @@ class Tree(nn.Module):
     """One level of torch's module tree in linen: layers (and parameters) under torch's
     names, computing nothing; ``tree["0"]`` is the child named ``"0"``."""
 
-    layers: Mapping[str, nn.Module]
-    params: Mapping[str, tuple[int, ...]] = None  # name -> shape of a parameter held at this level
+    entries: Mapping[str, nn.Module]
+    param_shapes: Mapping[str, tuple[int, ...]] = None  # name -> shape of a parameter held at this level
 
     def setup(self):
-        for name, layer in self.layers.items():
+        for name, layer in self.entries.items():
             setattr(self, name, layer.clone())  # named by torch's name: "0", "conv1", ...
-        for name, shape in (self.params or {}).items():
+        for name, shape in (self.param_shapes or {}).items():
             setattr(self, name, self.param(name, nn.initializers.zeros, tuple(shape)))  # the weights file sets it
 
     def __getitem__(self, name: str):

@@ -227,3 +227,21 @@ def test_a_network_that_traces_differently_in_each_mode_gets_one_forward_per_mod
         want = model(torch.from_numpy(x))
     assert [o.shape for o in out] == [(2, 2), (2, 3)]
     np.testing.assert_allclose(out[1], want[1].numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_torch_names_that_are_flax_attributes_get_an_underscore_on_the_flax_side(api):
+    inner = nn.Sequential()
+    for name in ("layers", "entries", "name", "setup"):  # torchvision's MNASNet has "layers"; a Tree's field; linen's
+        inner.add_module(name, nn.Linear(3, 3))
+    model = nn.Sequential()
+    model.add_module("keys", inner)  # an nnx.Dict method
+    model.add_module("params", nn.Linear(3, 2))
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    ported = port.port(model.eval(), x, api)
+    flat = ported.flat()
+    assert {"params/keys_/layers/kernel", "params/keys_/entries_/kernel", "params/keys_/name_/kernel"} <= set(flat)
+    assert "params/keys_/setup_/kernel" in flat and "params/params/kernel" in flat
+    with torch.no_grad():
+        np.testing.assert_allclose(ported.run(x), model(torch.from_numpy(x)).numpy(), rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in ported.state_dict().items())

@@ -18,13 +18,11 @@ from torch import fx, nn
 
 from compare.port import ops, render
 from compare.port.layout import Layout
-from compare.port.ops.emitter import RESERVED, Emitter
+from compare.port.ops.emitter import Emitter
 from compare.port.ops.table import function_name
-from compare.port.ops.values import SeqValue, Site, TensorValue, Unsupported
+from compare.port.ops.values import SeqValue, Site, TensorValue, Unsupported, flax_path
 from compare.port.trace import PortError, TensorInfo, Traced
 from compare.transfer import Move
-
-_LINEN_ATTRS = {"apply", "init", "bind", "param", "variable", "setup", "scope", "name", "parent", "variables", "path"}
 
 
 @dataclasses.dataclass
@@ -58,14 +56,17 @@ class Generator:
         self.sites: list[Site] = []
 
     def declare(self, path: str, linen: str, nnx: str) -> str:
+        """Declare the layer at torch path ``path`` (once) and return the expression that reaches it."""
+        path = flax_path(path)
         self._place(path, ("layer", linen, nnx))
         return self.access(path)
 
     def declare_param(self, owner: str, name: str, shape: tuple[int, ...]) -> str:
         key = f"{owner}.{name}" if owner else name
-        self._place(key, ("param", shape))
-        self.move(key, "/".join(["params", *key.split(".")]), _same, _same)
-        return self.access(key)
+        path = flax_path(key)
+        self._place(path, ("param", shape))
+        self.move(key, "/".join(["params", *path.split(".")]), _same, _same)
+        return self.access(path)
 
     def _place(self, path: str, entry: tuple) -> None:
         *parents, name = path.split(".")
@@ -76,8 +77,6 @@ class Generator:
                 raise Unsupported(f"{path!r} is inside a layer")
         if name in level and level[name] != entry:
             raise Unsupported(f"the layer {path!r} is called with different settings")
-        if not parents and (name in _LINEN_ATTRS or name in RESERVED):
-            raise Unsupported(f"the torch module name {name!r} clashes with a Flax module attribute")
         level[name] = entry
 
     @staticmethod

@@ -19,6 +19,7 @@ from flax import nnx
 
 from compare import transfer
 from compare.port import codegen, layout, ops, weights
+from compare.port.ops.emitter import RESERVED
 from compare.port.trace import PortError, preserved, trace
 from flaxbn import ported as flax_ported
 
@@ -41,7 +42,7 @@ def port(
     is_leaf = lambda m: ops.module_form(m) is not None  # noqa: E731
     traced_eval, traced_train = (trace(torch_model, x, mode, is_leaf) for mode in ("eval", "train"))
     name = name or _class_name(torch_model)
-    if not name.isidentifier() or name in codegen.RESERVED:
+    if not name.isidentifier() or name in RESERVED:
         raise ValueError(f"name {name!r} is not a usable class name")
     generated = codegen.generate(torch_model, traced_eval, traced_train, api, name)
     return Ported(torch_model, generated, tuple(x.shape), dtype, seed, traced_train)
@@ -57,7 +58,7 @@ def _float_dtype(model: torch.nn.Module, example: torch.dtype) -> torch.dtype:
 
 def _class_name(model: torch.nn.Module) -> str:
     name = type(model).__name__
-    return name if name.isidentifier() and name not in codegen.RESERVED else f"Ported{name.capitalize()}"
+    return name if name.isidentifier() and name not in RESERVED else f"Ported{name.capitalize()}"
 
 
 def load_source(source: str, class_name: str, filename: str) -> type:

@@ -71,7 +71,7 @@ def _entries(level: dict, api: str, root: bool = False) -> list[tuple[str, str]]
             out.append((name, entry[1] if api == "linen" else entry[2]))
         elif api == "nnx":
             out.append((name, f"nnx.Param(jnp.zeros({entry[1]}))"))
-        elif root:  # deeper linen parameters are the Tree's ``params``
+        elif root:  # deeper linen parameters are the Tree's ``param_shapes``
             out.append((name, f'self.param("{name}", nn.initializers.zeros, {entry[1]})'))
     return out
 
@@ -82,7 +82,7 @@ def _tree(level: dict, api: str) -> str:
         return f"nnx.Dict({{{items}\n}})"
     params = {n: e[1] for n, e in level.items() if isinstance(e, tuple) and e[0] == "param"}
     layers = f"{{{items}\n}}" if items else "{}"
-    return f"ported.Tree({layers}, params={params})" if params else f"ported.Tree({layers})"
+    return f"ported.Tree({layers}, param_shapes={params})" if params else f"ported.Tree({layers})"
 
 
 def _describe(outputs: Any) -> str:

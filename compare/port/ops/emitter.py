@@ -15,7 +15,7 @@ from typing import Any
 from torch import fx
 
 from compare.port.layout import Layout, transpose_between
-from compare.port.ops.values import PyValue, SeqValue, TensorValue, Unsupported
+from compare.port.ops.values import PyValue, SeqValue, TensorValue, Unsupported, flax_path
 from compare.port.trace import TensorInfo, Traced
 
 RESERVED = {"jax", "jnp", "nn", "nnx", "flaxbn", "ported", "pooling", "self", "train", "rngs", "np"}
@@ -120,14 +120,15 @@ class Emitter:
     def random_layer(self, preferred: str, linen: str, nnx: str, functional: bool) -> str:
         """A Dropout-like layer of its own for each call in this forward (a module called
         twice gets ``path`` and ``path_1``): one mask per call. A functional one sits at the
-        top level, named after its node, away from torch's own names there."""
+        top level, named after its node, away from torch's own names there. Returns its
+        Flax path."""
         count = self._random_calls.get(preferred, 0)
         self._random_calls[preferred] = count + 1
         path = preferred if count == 0 else f"{preferred}_{count}"
         while functional and path in self.gen.children:
             path = f"{path}_call"
         self.gen.declare(path, linen, nnx)
-        return path
+        return flax_path(path)
 
     def move(self, torch_key: str, flax_key: str, to_flax, to_torch) -> None:
         self.gen.move(torch_key, flax_key, to_flax, to_torch)

@@ -17,7 +17,7 @@ from torch import nn as tnn
 from compare import conventions
 from compare.port.layout import Layout
 from compare.port.ops.table import Call
-from compare.port.ops.values import Site, Unsupported, constant, ints
+from compare.port.ops.values import Site, Unsupported, constant, flax_path, ints
 from compare.transfer import LAYER_RULES
 
 
@@ -29,7 +29,7 @@ _NORM = {"weight": ("scale", _same, _same), "bias": ("bias", _same, _same)}  # L
 
 
 def _flax_key(collection: str, path: str, name: str) -> str:
-    return "/".join([collection, *path.split("."), name]) if path else f"{collection}/{name}"
+    return "/".join([collection, *flax_path(path).split("."), name])
 
 
 def _rule(kind: type, e, torch_key: str, path: str, name: str) -> None:

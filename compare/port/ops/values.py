@@ -12,8 +12,22 @@ import dataclasses
 from typing import Any
 
 import torch
+from flax import linen, nnx
 
 from compare.port.layout import Layout
+
+# torch names that cannot name a Flax child (linen Module and nnx.Dict attributes, the
+# generated classes' own): such a name gets a trailing "_" on the Flax side
+CLASHES = (
+    {n for n in dir(linen.Module) if not n.startswith("__")}
+    | {n for n in dir(nnx.Dict) if not n.startswith("__")}
+    | {"name", "parent", "scope", "entries", "param_shapes", "deterministic", "forward_eval", "forward_train"}
+)
+
+
+def flax_path(path: str) -> str:
+    """The Flax path (dotted) of a torch module path: the same names, one of :data:`CLASHES` with a "_"."""
+    return ".".join(f"{p}_" if p in CLASHES else p for p in path.split("."))
 
 
 class Unsupported(Exception):
