@@ -21,7 +21,8 @@ from compare.port.layout import Layout
 CLASHES = (
     {n for n in dir(linen.Module) if not n.startswith("__")}
     | {n for n in dir(nnx.Dict) if not n.startswith("__")}
-    | {"name", "parent", "scope", "entries", "param_shapes", "deterministic", "forward_eval", "forward_train"}
+    | {"name", "parent", "scope", "params", "batch_stats", "entries", "param_shapes", "deterministic"}
+    | {"forward_eval", "forward_train"}
 )
 
 
