@@ -109,8 +109,8 @@ def test_a_network_it_cannot_port_exits_2_with_every_unsupported_node(tmp_path, 
 
 
 def test_a_failed_check_exits_1(tmp_path, monkeypatch):
-    real = cli.checks.compare_outputs
-    monkeypatch.setattr(cli.checks, "compare_outputs", lambda *a, **k: {**real(*a, **k), "ok": False})
+    real = cli.checks.check_eval
+    monkeypatch.setattr(cli.checks, "check_eval", lambda *a, **k: {**real(*a, **k), "ok": False})
     assert cli.main([FACTORY, "--input-shape", "2,3,16,16", "--out", str(tmp_path)]) == 1
 
 

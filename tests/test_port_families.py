@@ -63,6 +63,21 @@ def test_each_family_matches_torch_in_a_train_step_with_the_same_masks(name, api
         assert ported.sites, "the random layers are mask sites"
 
 
+@pytest.mark.parametrize("api", APIS)
+def test_the_eval_check_fails_on_a_wrong_port(api):
+    model, x = _setup("mobilenet_v2")
+    ported = port.port(model, x, api)
+    flat = ported.flat()
+    key = "batch_stats/features/2/conv/1/1/mean"  # one running mean shifted: a porting bug
+    flat[key] = flat[key] + 0.5
+    if api == "linen":
+        ported.variables = transfer.flat_to_linen(flat)
+    else:
+        transfer.flat_into_nnx(ported.model, flat)
+    record = checks.check_eval(ported, x, name="mobilenet_v2")
+    assert not record["ok"] and record["vs_float64_rel"] > 100 * record["torch_own_rel"]
+
+
 def test_the_random_layers_are_found_in_module_and_functional_form():
     model, x = _setup("densenet")
     ported = port.port(model, x, "linen")

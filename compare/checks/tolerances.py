@@ -77,6 +77,13 @@ TOLERANCES: dict[str, Tolerance | Relative] = {
     "train.trajectory_float64": Tolerance(1e-10, 0.0, "7e-14 (mlp), 5e-14 (cnn) relative at step 200"),
     # compare.port: generated Flax modules against their torch networks (tests/test_port_families.py)
     "eval.port": Tolerance(1e-5, 1e-4, "the ResNets' value; measured: see the entries' tests"),
+    # a float32 port's error against torch in float64, over torch's own float32 error there
+    "eval.torch_own_error": Tolerance(
+        4.0,
+        0.0,
+        "0.29-1.8x: 15 torchvision models, random weights and BatchNorm statistics, 64x64 (efficientnet_b0:"
+        " torch's own float32 error 2e-2 of its largest logit, the port's 7.7e-3)",
+    ),
     "eval.float64": Tolerance(1e-10, 0.0, "float64 on both sides, normwise relative; measured: see the tests"),
     # a gradient that is exactly zero (a conv bias before BatchNorm: the mean is subtracted) is
     # rounding noise on both sides: Flax's noise is checked against torch's own there (max |g|)
