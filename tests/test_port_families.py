@@ -59,6 +59,10 @@ def test_each_family_matches_torch_in_a_train_step_with_the_same_masks(name, api
     result = checks.check_train(ported, x)
     assert result["ok"], {k: v for k, v in result.items() if k != "grad_rel_diff"}
     assert result["trace_diff"] == 0.0  # the fx trace is the torch code that ran, bit for bit
+    # the table's bounds hold everywhere except on gradients that are exactly 0 (a conv bias
+    # before BatchNorm): rounding noise on both sides, judged against torch's own there
+    zero = {"vgg_bn": {"features.0.bias", "features.4.bias"}, "conv1d": {"conv1.bias"}}.get(name, set())
+    assert set(result["by_float64_reference"]) <= zero, result["by_float64_reference"]
     if name in ("efficientnet", "convnext", "densenet", "vgg_bn"):
         assert ported.sites, "the random layers are mask sites"
 
@@ -260,3 +264,16 @@ def test_torch_names_that_are_flax_attributes_get_an_underscore_on_the_flax_side
     with torch.no_grad():
         np.testing.assert_allclose(ported.run(x), model(torch.from_numpy(x)).numpy(), rtol=1e-6, atol=1e-6)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in ported.state_dict().items())
+
+
+def test_the_train_check_fails_on_a_wrong_port():
+    """ReLU where torch has ReLU6 (issue 21's example of a wrong twin): the outputs and
+    gradients differ far beyond torch's own float32 error."""
+    model, x = _setup("mobilenet_v2")
+    ported = port.port(model, x, "linen")
+    ported.cls = port.load_source(
+        ported.source.replace("jax.nn.relu6(", "jax.nn.relu("), ported.generated.class_name, "wrong"
+    )
+    ported.module = ported.cls()
+    result = checks.check_train(ported, x * 4)
+    assert not result["ok"] and not result["checks"]["out"] and not result["checks"]["grads"]

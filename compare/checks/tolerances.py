@@ -78,16 +78,22 @@ TOLERANCES: dict[str, Tolerance | Relative] = {
     # compare.port: generated Flax modules against their torch networks (tests/test_port_families.py)
     "eval.port": Tolerance(1e-5, 1e-4, "the ResNets' value; measured: see the entries' tests"),
     # a float32 port's error against torch in float64, over torch's own float32 error there
-    "eval.torch_own_error": Tolerance(
+    "eval.torch_own_error": Relative(
         4.0,
-        0.0,
+        1e-6,
+        1e-30,
         "0.29-1.8x: 15 torchvision models, random weights and BatchNorm statistics, 64x64 (efficientnet_b0:"
         " torch's own float32 error 2e-2 of its largest logit, the port's 7.7e-3)",
     ),
     "eval.float64": Tolerance(1e-10, 0.0, "float64 on both sides, normwise relative; measured: see the tests"),
-    # a gradient that is exactly zero (a conv bias before BatchNorm: the mean is subtracted) is
-    # rounding noise on both sides: Flax's noise is checked against torch's own there (max |g|)
-    "train.grads_zero": Tolerance(10.0, 0.0, "Flax's noise 0.24-0.83x torch's (vgg_bn, conv1d biases, linen and nnx)"),
+    # one train step of a float32 port where the train.* bounds are too tight for the network: its
+    # error against the float64 step within this factor of torch's own float32 error (as layerwise)
+    "train.port": Relative(
+        10.0,
+        1e-6,
+        1e-30,
+        "a gradient that is exactly 0 (a bias before BatchNorm): 0.24-0.83x (vgg_bn, conv1d); see the port tests",
+    ),
     "train.step": Tolerance(1e-6, 1e-6, "parameters after one SGD step (lr 0.1) from the same gradients"),
     "train.float64": Tolerance(1e-10, 0.0, "one train step in float64: outputs, gradients, statistics, step"),
     # data parallelism: reductions in another order across shards, 2-8 simulated devices

@@ -108,8 +108,8 @@ def _report(records: dict, path: Path) -> str:
         else:
             failed = [k for k, v in r["checks"].items() if not v]
             lines.append(
-                f"| {name} | | | output {r['out_max_abs_diff']:.3g}; gradients {r['grad_max_rel_diff']:.3g} (rel);"
-                f" statistics {r['stats_max_abs_diff']:.3g}; SGD step {r['step_max_abs_diff']:.3g} | | | | |"
+                f"| {name} | | | output {r['out_max_rel_diff']:.3g}; gradients {r['grad_max_rel_diff']:.3g};"
+                f" statistics {r['stats_max_rel_diff']:.3g}; SGD step {r['step_max_rel_diff']:.3g} (all relative) | | | | |"
                 f" {r['ok']}{' ' + str(failed) if failed else ''} |"
             )
     text = "\n".join(lines) + "\n"
