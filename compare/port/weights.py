@@ -80,8 +80,13 @@ def _flax_shape(m: Move) -> tuple[int, ...]:
 
 
 def into_torch(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], skip: Sequence[str]) -> None:
-    """Load the moved tensors into ``model``; the unused ones stay as they are."""
-    result = model.load_state_dict(state_dict, strict=False)
-    missing = sorted(set(result.missing_keys) - set(skip))
-    if missing or result.unexpected_keys:
-        raise TransferError("-> torch", [f"missing {missing}", f"unexpected {result.unexpected_keys}"])
+    """Copy the moved tensors into ``model`` in place (a module's own ``_load_from_state_dict``,
+    such as torchvision MNASNet's version check, is not asked); the unused ones stay."""
+    current = model.state_dict(keep_vars=True)
+    missing = sorted(set(current) - set(state_dict) - set(skip))
+    unexpected = sorted(set(state_dict) - set(current))
+    if missing or unexpected:
+        raise TransferError("-> torch", [f"missing {missing}", f"unexpected {unexpected}"])
+    with torch.no_grad():
+        for k, v in state_dict.items():
+            current[k].copy_(v)
