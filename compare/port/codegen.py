@@ -128,7 +128,7 @@ class Generator:
             self._refuse(node, f"{_describe(node, e.modules)}: arguments do not bind ({err}) {where}")
             return
         if call is None:
-            self._refuse(node, f"{_describe(node, e.modules)} {where}")
+            self._refuse(node, f"{_describe(node, e.modules)} {where}".rstrip())
             return
         try:
             ops.HANDLERS[call.kind](e, call)

@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
-_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)\n\s*(?P<code>[^\n]*)')
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)(?:\n[ \t]+(?P<code>(?!File )[^\n]*))?')
 # ops whose result shares memory with their first argument (an in-place change of it changes the base)
 _VIEWS = {
     "view",
@@ -98,7 +98,8 @@ def _source(stack_trace: str | None) -> str:
     if not frames:
         return ""
     f = frames[-1]
-    return f"{os.path.basename(f['file'])}:{f['line']}: {f['code'].strip()}"
+    code = f": {f['code'].strip()}" if f["code"] else ""
+    return f"{os.path.basename(f['file'])}:{f['line']}{code}"
 
 
 def _module_path(node: fx.Node) -> str:

@@ -196,7 +196,8 @@ class Emitter:
     def _emit(self, expr: str, comment: str) -> str:
         name = self.fresh(self.node.name)
         where = self.traced.where[self.node.name]
-        if self.node.op == "call_module" and where.module.replace(".", "_") != name:
-            comment = f"{where.module}{': ' + comment if comment else ''}"
+        if self.node.op == "call_module":  # torch's module path and type: "features.1 BatchNorm2d"
+            module = f"{where.module} {type(self.modules[self.node.target]).__name__}"
+            comment = f"{module}{': ' + comment if comment else ''}"
         self.lines.append(f"{name} = {expr}" + (f"  # {comment}" if comment else ""))
         return name

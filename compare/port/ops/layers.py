@@ -133,7 +133,7 @@ def linear(e, c: Call) -> None:
     layer = e.layer(path, f"nn.Dense({out_f}{bias})", f"nnx.Linear({in_f}, {out_f}{bias}, rngs=rngs)")
     if x.layout.flat is not None:
         e.move(keys["weight"], _flax_key("params", path, "kernel"), *rule)
-        comment = f"its kernel takes torch's flatten order {x.layout.flat.shape} as {x.layout.describe()}"
+        comment = f"kernel rows permuted at transfer: it reads torch's flatten of {x.layout.flat.shape} in Flax's order"
     else:
         _rule(tnn.Linear, e, keys["weight"], path, "weight")
         comment = ""
