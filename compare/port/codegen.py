@@ -10,6 +10,7 @@ layers do) there is one forward; otherwise one per mode, chosen by the mode.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import keyword
 from typing import Any
 
@@ -90,7 +91,7 @@ class Generator:
             raise Unsupported(f"{torch_key!r} is not in the model's state_dict")
         move = Move(torch_key, flax_key, self.shapes[torch_key], to_flax, to_torch)
         old = self.moves.get(torch_key)
-        if old is not None and (old.flax_key, old.to_flax) != (flax_key, to_flax):
+        if old is not None and (old.flax_key, _same_map(old.to_flax)) != (flax_key, _same_map(to_flax)):
             raise Unsupported(f"{torch_key!r} is used in two ways (as {old.flax_key} and as {flax_key})")
         self.moves[torch_key] = move
 
@@ -171,6 +172,11 @@ def _returned(e: Emitter, a: Any) -> tuple[Any, str]:
         parts = {k: _returned(e, x) for k, x in v.items()}
         return {k: p[0] for k, p in parts.items()}, "{" + ", ".join(f"{k!r}: {p[1]}" for k, p in parts.items()) + "}"
     return None, e.py_of(v)
+
+
+def _same_map(fn) -> tuple:
+    """A layout change, comparable: a ``functools.partial`` by its function and arguments."""
+    return (fn.func, fn.args, tuple(sorted(fn.keywords.items()))) if isinstance(fn, functools.partial) else (fn,)
 
 
 def _same(a: np.ndarray) -> np.ndarray:

@@ -13,7 +13,6 @@ op cannot run in the layout it is given (and then only the axes that must move).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -44,10 +43,6 @@ class Layout:
     @property
     def ndim(self) -> int:
         return len(self.perm)
-
-    @property
-    def is_identity(self) -> bool:
-        return self.perm == tuple(range(self.ndim)) and self.flat is None
 
     @property
     def is_channels_last(self) -> bool:
@@ -97,15 +92,6 @@ def inserted(layout: Layout, dim: int) -> tuple[Layout, int]:
     perm = [t + (t >= dim) for t in layout.perm]
     perm.insert(position, dim)
     return Layout(tuple(perm)), position
-
-
-def broadcast_to(layout: Layout, own_ndim: int, ndim: int) -> tuple[tuple[int, ...] | None, int, Layout]:
-    """How an operand held in ``layout`` of rank ``own_ndim`` (at most ``ndim``) joins a
-    value of rank ``ndim``: torch aligns the trailing axes, so the operand is seen as a
-    rank-``ndim`` value with leading axes of size 1. Returns (transpose to torch order or
-    None, the number of leading axes to add, the resulting identity layout)."""
-    to_torch = transpose_between(layout, Layout.identity(own_ndim))
-    return to_torch, ndim - own_ndim, Layout.identity(ndim)
 
 
 # --- reshape -----------------------------------------------------------------------------------
@@ -207,7 +193,3 @@ def to_torch(x: np.ndarray, layout: Layout) -> np.ndarray:
         back = [flat.order.index(i) for i in range(len(flat.order))]
         x = x.reshape(*lead, *held).transpose(*range(len(lead)), *(len(lead) + b for b in back)).reshape(*lead, -1)
     return np.ascontiguousarray(np.transpose(x, np.argsort(layout.perm)))
-
-
-def numel(shape: Sequence[int]) -> int:
-    return math.prod(shape)

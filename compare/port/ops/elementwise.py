@@ -4,6 +4,8 @@ arithmetic of a channel shuffle)."""
 
 from __future__ import annotations
 
+import math
+
 from compare.port.layout import Layout, transpose_between
 from compare.port.ops.table import Call
 from compare.port.ops.values import TensorValue, Unsupported, constant
@@ -79,7 +81,7 @@ def arithmetic(e, c: Call) -> None:
         return
     if c.kind == "floordiv":
         raise Unsupported("// of tensors (only of Python ints, for shape arithmetic)")
-    main = max(tensors, key=lambda t: (t.ndim, _numel(t)))
+    main = max(tensors, key=lambda t: (t.ndim, math.prod(t.shape)))  # the larger operand keeps its layout
     left, right = _operand(e, a, main), _operand(e, b, main)
     if alpha != 1:
         right = f"{constant(alpha, 'alpha')!r} * {right}"
@@ -92,10 +94,3 @@ def neg(e, c: Call) -> None:
         e.out_tensor(f"-{v.name}", v.layout)
     else:
         e.out_py(f"-{e.py_of(v)}")
-
-
-def _numel(t: TensorValue) -> int:
-    n = 1
-    for s in t.shape:
-        n *= s
-    return n

@@ -3,8 +3,9 @@ Dropout and stochastic depth, in module form or as a function given a module's o
 parameters (``F.conv2d(x, self.weight)``, ``F.layer_norm(x, ..., self.weight, self.bias)``).
 
 Each declares its Flax layer at the torch module's path and moves its tensors with the
-transfer's rules (``compare.transfer.LAYER_RULES``); LayerNorm and GroupNorm, which have
-no rule there yet, move ``weight -> scale`` and ``bias -> bias`` as they are.
+transfer's rules (``compare.transfer.LAYER_RULES``). A LayerNorm over several trailing
+axes, which the transfer refuses, normalises them flattened into one, so its weight and
+bias move flattened too.
 """
 
 from __future__ import annotations
@@ -21,11 +22,8 @@ from compare.port.ops.values import Site, Unsupported, constant, flax_path, ints
 from compare.transfer import LAYER_RULES
 
 
-def _same(a: np.ndarray) -> np.ndarray:
-    return a
-
-
-_NORM = {"weight": ("scale", _same, _same), "bias": ("bias", _same, _same)}  # LayerNorm, GroupNorm
+def _reshape(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    return np.reshape(a, shape)
 
 
 def _flax_key(collection: str, path: str, name: str) -> str:
@@ -181,10 +179,11 @@ def layer_norm(e, c: Call) -> None:
     options += "" if keys["bias"] else ", use_bias=False"
     layer = e.layer(path, f"nn.LayerNorm({options})", f"nnx.LayerNorm({size}, {options}, rngs=rngs)")
     for name, key in keys.items():
-        if key:  # (normalized_shape) -> (prod,) when it normalises several axes
-            flax_name, _, _ = _NORM[name]
-            to_flax = _same if k == 1 else functools.partial(np.reshape, newshape=(size,))
-            to_torch = _same if k == 1 else functools.partial(np.reshape, newshape=shape)
+        if key and k == 1:
+            _rule(tnn.LayerNorm, e, key, path, name)
+        elif key:  # (normalized_shape) -> (prod,)
+            flax_name = LAYER_RULES[tnn.LayerNorm][name][1]
+            to_flax, to_torch = (functools.partial(_reshape, shape=s) for s in ((size,), shape))
             e.move(key, _flax_key("params", path, flax_name), to_flax, to_torch)
     if k == 1:
         e.out_tensor(f"{layer}({x.name})", x.layout)
@@ -214,8 +213,7 @@ def group_norm(e, c: Call) -> None:
     layer = e.layer(path, f"nn.GroupNorm({options})", f"nnx.GroupNorm({channels}, {options}, rngs=rngs)")
     for name, key in keys.items():
         if key:
-            flax_name, to_flax, to_torch = _NORM[name]
-            e.move(key, _flax_key("params", path, flax_name), to_flax, to_torch)
+            _rule(tnn.GroupNorm, e, key, path, name)
     e.out_tensor(f"{layer}({x.name})", x.layout)
 
 
