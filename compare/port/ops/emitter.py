@@ -199,5 +199,7 @@ class Emitter:
         if self.node.op == "call_module":  # torch's module path and type: "features.1 BatchNorm2d"
             module = f"{where.module} {type(self.modules[self.node.target]).__name__}"
             comment = f"{module}{': ' + comment if comment else ''}"
+        elif where.module:  # a call inside a module's forward: which module
+            comment = f"in {where.module}{': ' + comment if comment else ''}"
         self.lines.append(f"{name} = {expr}" + (f"  # {comment}" if comment else ""))
         return name

@@ -255,8 +255,8 @@ def stochastic_depth(e, c: Call) -> None:
         return
     if mode not in ("row", "batch"):
         raise Unsupported(f"mode={mode!r} (torchvision has 'row' and 'batch')")
-    owner = e.traced.where[c.node.name].module
-    owner_type = type(e.modules[owner]).__name__ if owner in e.modules and owner else ""
+    owner = e.traced.where[c.node.name].module  # the module whose forward made the call
+    owner_type = type(e.gen.model.get_submodule(owner)).__name__ if owner else ""
     preferred = owner if owner_type == "StochasticDepth" else c.node.name
     batch = x.layout.axis(0)
     options = f"{p}, {mode!r}" + (f", batch_axis={batch}" if batch else "")
