@@ -8,7 +8,9 @@ imports inside functions), so that a violation fails here and not in a user's in
   ``transfer``, ``port``, ``masks``, ``optimizers``, ``records``) <- ``io`` (files and the limits on
   untrusted input) <- ``checks``, ``bench``, ``experiments``, ``parallel`` (each may use the
   bridge, ``io`` and its own folder; ``parallel`` also the one tolerance table and tree-diff
-  helper of ``checks``) <- ``report`` <- the command lines (``run``, ``convert``).
+  helper of ``checks``) <- ``report`` <- the command lines (``run``, ``convert``, and every
+  ``__main__`` module: ``python -m compare.port`` is a command line that lives beside its
+  package, and no library code imports a ``__main__``).
 * No folder holds more than 8 modules, and no module is longer than 400 lines.
 """
 
@@ -61,6 +63,8 @@ def _layer(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1:
         return "package"
+    if parts[-1] == "__main__":  # the entry point of ``python -m``: a command line wherever it lives
+        return "cli"
     head = parts[1]
     if head in BRIDGE:
         return "bridge"
@@ -135,6 +139,9 @@ def test_the_direction_check_can_fail():
     assert not _allowed("compare.checks.spec", "compare.parallel.suite")
     assert _allowed("compare.parallel.jax_checks", "compare.checks.tolerances")
     assert _allowed("compare.report.plots", "compare.experiments.claims")
+    assert not _allowed("compare.port.ported", "compare.checks.ported")  # the bridge never imports a check
+    assert _allowed("compare.port.__main__", "compare.checks.ported")  # its command line may
+    assert not _allowed("compare.checks.ported", "compare.port.__main__")
 
 
 @pytest.mark.parametrize("folder", sorted({p.parent for p in MODULES.values()}), ids=lambda p: str(p.relative_to(ROOT)))

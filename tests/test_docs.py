@@ -93,10 +93,11 @@ def test_the_cli_page_names_every_option_of_every_command():
     import argparse
 
     from compare import convert, run
+    from compare.port import __main__ as port_cli
 
     cli = (ROOT / "docs" / "cli.md").read_text()
-    parsers = {"compare.run": None, "compare.convert": None}
-    for name, main in (("compare.run", run.parse), ("compare.convert", convert.main)):
+    parsers = {"compare.run": None, "compare.convert": None, "compare.port": None}
+    for name, main in (("compare.run", run.parse), ("compare.convert", convert.main), ("compare.port", port_cli.main)):
         captured = {}
         original = argparse.ArgumentParser.parse_args
 
@@ -123,7 +124,17 @@ def test_every_relative_link_of_the_readme_and_the_docs_resolves():
     pages = [ROOT / "README.md", ROOT / "SEMANTICS.md", *sorted((ROOT / "docs").glob("*.md"))]
     broken = []
     for page in pages:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+        prose = re.sub(r"`[^`\n]*`", "", re.sub(r"```.*?```", "", page.read_text(), flags=re.S))  # code is not links
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", prose):
             if "://" not in target and not (page.parent / target).exists():
                 broken.append(f"{page.relative_to(ROOT)} -> {target}")
     assert not broken, broken
+
+
+def test_the_one_call_example_of_the_automatic_porting_page_prints_the_module_shown():
+    page = (ROOT / "docs" / "porting_auto.md").read_text()
+    example = _python_blocks(page)[0]
+    shown = re.findall(r"```text\n(.*?)```", page, flags=re.S)[0]
+    printed = _run(example)
+    assert printed.splitlines()[0] == "1"  # the running statistics moved
+    assert shown.strip() in printed  # the forward on the page is the one generated
