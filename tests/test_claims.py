@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from compare.experiments import claims, stats
+from compare.experiments import claims
+from compare.experiments.claims import stats
 
 
 def test_the_interval_is_the_paired_t_interval_of_the_mean():
@@ -122,14 +123,14 @@ def test_frameworks_that_reach_different_verdicts_are_marked_as_disagreeing():
 def test_every_claim_of_the_lesson_has_a_spec_and_a_figure():
     from compare.report.figures import claims as claim_plots
 
-    assert set(claims.SPEC) == set(claim_plots.DRAW)
-    assert len(claims.SPECS) == 12 and all(s.min_effect > 0 for s in claims.SPECS)
+    assert set(claims.ROW) == set(claim_plots.DRAW)
+    assert len(claims.ROWS) == 12 and all(s.min_effect > 0 for s in claims.ROWS)
     lesson_rows = {"bn_speeds_up_training", "bn_allows_higher_learning_rates", "bn_reduces_internal_covariate_shift",
                    "bn_improves_stability", "dropout_improves_stability", "bn_reduces_overfitting",
                    "dropout_reduces_overfitting", "dropout_stops_reliance_on_particular_neurons",
                    "dropout_behaves_like_an_implicit_ensemble", "bn_active_at_inference",
                    "dropout_active_at_inference", "order_avoids_variance_shift"}  # fmt: skip
-    assert set(claims.SPEC) == lesson_rows
+    assert set(claims.ROW) == lesson_rows
 
 
 def test_the_quick_plan_runs_every_seed_in_both_frameworks_and_more_in_full():
@@ -158,10 +159,10 @@ def test_a_tiny_plan_gives_every_claim_a_verdict_in_both_frameworks_a_report_and
     )  # fmt: skip
     records = training.run(plan.runs(), ds, frameworks_of=plan.frameworks, target=plan.target_accuracy)
     verdicts = claims.claims(records)
-    assert len(verdicts) == 2 * len(claims.SPECS)
+    assert len(verdicts) == 2 * len(claims.ROWS)
     assert {v["verdict"] for v in verdicts} <= set(stats.VERDICTS) and all(v["seeds"] == 2 for v in verdicts)
     results = {"meta": {"train_summary": {"claims": verdicts}}, "train": records}
     text = "\n".join(lesson.report_lines(results, ""))
-    assert all(s.statement in text for s in claims.SPECS) and "claims_intervals.png" in text
+    assert all(s.statement in text for s in claims.ROWS) and "claims_intervals.png" in text
     drawn = claim_plots.draw_all(records, verdicts, tmp_path)
-    assert set(drawn) == {*claims.SPEC, "intervals"} and all(p.stat().st_size > 5_000 for p in drawn.values())
+    assert set(drawn) == {*claims.ROW, "intervals"} and all(p.stat().st_size > 5_000 for p in drawn.values())

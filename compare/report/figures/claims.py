@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compare.experiments.claims import select, unstable
-from compare.experiments.design import ABLATED_FRACTION, SPEC, STABLE_ACCURACY
+from compare.experiments.claims import ABLATED_FRACTION, ROW, STABLE_ACCURACY, select, unstable
 from compare.report.figures.style import plt, save
 
 STYLE = {"torch": "-", "linen": "--"}
@@ -265,11 +264,11 @@ def draw_all(records: list[dict], claims: list[dict], out: Path) -> dict[str, Pa
     """Every figure whose runs are in ``records``; returns {claim (or "intervals"): path}."""
     drawn = {}
     for claim, draw in DRAW.items():
-        if not any(r["claim"] == SPEC[claim].experiment for r in records):
+        if not any(r["claim"] == ROW[claim].experiment for r in records):
             continue  # its experiment did not run
         fig, ax = plt.subplots(figsize=(6, 4))
         draw(records, ax)
-        ax.set_title(SPEC[claim].statement, fontsize=9)
+        ax.set_title(ROW[claim].statement, fontsize=9)
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0] and ax.get_legend() is None:
             ax.legend(fontsize=6)

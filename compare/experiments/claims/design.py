@@ -1,7 +1,7 @@
 """The design of the ``train`` suite, fixed before any run: which runs each experiment
 makes (:class:`Plan`, ``PLANS``), and for each claim of the lesson what one seed's effect
-is and the minimum effect it needs (:class:`Spec`, ``SPECS``);
-``compare.experiments.claims`` judges the runs against it.
+is and the minimum effect it needs is the claims table of ``effects`` (``ROWS``);
+``judge`` judges the runs against it.
 
 The lesson's network is the MLP ``x = dropout(relu(bn(fc(x))))`` per hidden layer
 (``torchbn.models.MLP``, 256-256 by default), trained with SGD (momentum 0.9, no weight
@@ -148,125 +148,19 @@ PLANS = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    """One row of the lesson's table: what it says, how it is measured, the effect it needs."""
+def __getattr__(name: str):
+    """``Spec``, ``SPECS`` and ``SPEC`` (0.2) are the claims table's ``ClaimRow``, ``ROWS`` and
+    ``ROW`` in ``compare.experiments.claims.effects`` now ("spec" names the spec suite)."""
+    new = {"Spec": "ClaimRow", "SPECS": "ROWS", "SPEC": "ROW"}.get(name)
+    if new is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import warnings
 
-    claim: str
-    component: str  # "BatchNorm" | "Dropout" | "both"
-    lesson: str  # what the lesson's table says
-    statement: str
-    metric: str  # what one seed's effect is
-    min_effect: float
-    absence: bool = False  # the lesson says the effect is absent
+    from compare.experiments.claims import effects
 
-    @property
-    def experiment(self) -> str:
-        """The experiment whose runs it is judged from."""
-        return {"overfitting": "overfitting", "variance_shift": "order"}.get(
-            next((k for k in ("overfitting", "variance_shift") if k in self.claim), ""), "learning_rate"
-        )
-
-
-SPECS = (
-    Spec(
-        "bn_speeds_up_training",
-        "BatchNorm",
-        "yes",
-        "BatchNorm speeds up training",
-        "1 - steps to the target test accuracy (checked after every epoch) with / without BatchNorm, each at its best learning rate",
-        0.2,
-    ),
-    Spec(
-        "bn_allows_higher_learning_rates",
-        "BatchNorm",
-        "yes",
-        "BatchNorm allows higher learning rates",
-        "log10 of the largest learning rate reaching the target, with / without BatchNorm",
-        0.45,
-    ),
-    Spec(
-        "bn_reduces_internal_covariate_shift",
-        "BatchNorm",
-        "yes",
-        "BatchNorm reduces internal covariate shift",
-        "internal covariate shift (Santurkar et al. 2018) at fc2 without - with BatchNorm",
-        0.05,
-    ),
-    Spec(
-        "bn_improves_stability",
-        "BatchNorm",
-        "yes",
-        "BatchNorm improves the stability of training",
-        "fraction of learning rates where training is unstable, without - with BatchNorm",
-        0.15,
-    ),
-    Spec(
-        "dropout_improves_stability",
-        "Dropout",
-        "no (a regulariser)",
-        "Dropout does not improve stability",
-        "fraction of learning rates where training is unstable, without - with Dropout",
-        0.15,
-        absence=True,
-    ),
-    Spec(
-        "bn_reduces_overfitting",
-        "BatchNorm",
-        "a little",
-        "BatchNorm reduces overfitting (a little)",
-        "generalisation gap (test - train loss) without - with BatchNorm, in the overfitting regime",
-        0.05,
-    ),
-    Spec(
-        "dropout_reduces_overfitting",
-        "Dropout",
-        "yes, very useful",
-        "Dropout reduces overfitting",
-        "generalisation gap (test - train loss) without - with Dropout, in the overfitting regime",
-        0.1,
-    ),
-    Spec(
-        "dropout_stops_reliance_on_particular_neurons",
-        "Dropout",
-        "yes",
-        "Dropout stops the network relying on particular neurons",
-        f"test accuracy lost when {ABLATED_FRACTION:.0%} of hidden units are ablated, without - with Dropout",
-        0.02,
-    ),
-    Spec(
-        "dropout_behaves_like_an_implicit_ensemble",
-        "Dropout",
-        "yes",
-        "Dropout behaves like an implicit ensemble",
-        "test accuracy of the eval-mode network - mean accuracy of one thinned network",
-        0.01,
-    ),
-    Spec(
-        "bn_active_at_inference",
-        "BatchNorm",
-        "no",
-        "BatchNorm is not active at inference",
-        "relative change ||out - in|| / ||in|| that eval-mode BatchNorm makes",
-        0.01,
-        absence=True,
-    ),
-    Spec(
-        "dropout_active_at_inference",
-        "Dropout",
-        "no",
-        "Dropout is not active at inference",
-        "relative change ||out - in|| / ||in|| that eval-mode Dropout makes",
-        0.01,
-        absence=True,
-    ),
-    Spec(
-        "order_avoids_variance_shift",
-        "both",
-        "BN before the activation, Dropout after it",
-        "The lesson's order avoids the train/eval variance shift of Dropout before BatchNorm",
-        "variance shift (Li et al. 2019) with Dropout in front of BatchNorm - in the lesson's order",
-        0.05,
-    ),
-)
-SPEC = {s.claim: s for s in SPECS}
+    warnings.warn(
+        f"compare.experiments.design.{name} is compare.experiments.claims.effects.{new} since 0.3",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return getattr(effects, new)
