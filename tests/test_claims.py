@@ -13,11 +13,53 @@ from compare.experiments.claims import stats
 
 
 def test_the_interval_is_the_paired_t_interval_of_the_mean():
-    """[1, 2, 3, 4, 5]: mean 3, sd sqrt(2.5), t(0.975, 4) = 2.776 (tabulated to 3 decimals,
-    so the bounds agree to 1e-3 with scipy's 1.0368 and 4.9632)."""
+    """[1, 2, 3, 4, 5]: mean 3, sd sqrt(2.5), t(0.975, 4) = 2.7764451: bounds 1.0367568 and 4.9632432."""
     ci = stats.interval([1, 2, 3, 4, 5])
-    assert ci.effect == 3.0 and ci.n == 5
-    assert ci.low == pytest.approx(1.0368, abs=1e-3) and ci.high == pytest.approx(4.9632, abs=1e-3)
+    assert ci.effect == 3.0 and ci.n == 5 and ci.df == 4 and ci.level == 0.95
+    assert ci.low == pytest.approx(1.0367568, abs=1e-6) and ci.high == pytest.approx(4.9632432, abs=1e-6)
+
+
+def test_t_quantiles_are_exact_above_30_degrees_of_freedom():
+    """0.2 returned the normal 1.96 above df = 30: at df = 31 the exact quantile is 2.0395,
+    so its intervals were 3.9% too narrow."""
+    assert stats.t_quantile(31) == pytest.approx(2.039513, abs=1e-6)
+    assert stats.t_quantile(4) == pytest.approx(2.776445, abs=1e-6)
+    assert stats.t_quantile(10**6) == pytest.approx(1.959966, abs=1e-5)
+
+
+def test_bonferroni_intervals_are_wider_by_the_quantile_at_one_minus_alpha_over_k():
+    x = [0.1, 0.3, 0.2, 0.4, 0.25, 0.35]
+    one, family = stats.interval(x), stats.interval(x, stats.bonferroni_level(24))
+    assert stats.bonferroni_level(24) == pytest.approx(1 - 0.05 / 24)
+    ratio = (family.high - family.effect) / (one.high - one.effect)
+    assert ratio == pytest.approx(stats.t_quantile(5, 1 - 0.05 / 24) / stats.t_quantile(5), rel=1e-12)
+    assert family.low < one.low and family.high > one.high and family.level == 1 - 0.05 / 24
+
+
+def test_a_blocked_interval_removes_the_difference_between_blocks_from_the_error():
+    """Two frameworks whose effects differ by a constant 1.0: the mean of the block means is
+    the midpoint; the pooled within-block sd is that of one block (the shift is a block
+    effect, not noise), with df = seeds - blocks; one block is the plain interval."""
+    a = np.array([0.1, 0.3, 0.2, 0.4])
+    ci = stats.blocked_interval({"torch": a, "linen": a + 1.0})
+    assert ci.effect == pytest.approx(a.mean() + 0.5) and ci.df == 6 and ci.n == 8
+    assert ci.sd == pytest.approx(a.std(ddof=1))
+    half = stats.t_quantile(6) * a.std(ddof=1) * math.sqrt(1 / 4 + 1 / 4) / 2
+    assert ci.high - ci.effect == pytest.approx(half)
+    plain = stats.blocked_interval({"torch": a})
+    assert (plain.low, plain.high) == (stats.interval(a).low, stats.interval(a).high)
+
+
+def test_the_seed_count_for_power_matches_the_normal_approximation_and_grows_with_the_correction():
+    """sd = m: the normal approximation ((z(1-a/2) + z(0.8)) sd / m)^2 gives 7.85 at a = 0.05; the
+    t-based count is a little larger; Bonferroni over 24 claims needs more; a claimed
+    absence (inside +-m when the truth is 0) needs its own count."""
+    n = stats.seeds_for_power(1.0, 1.0, 0.95, blocks=2)
+    assert n in (10, 12) and stats.power(n, 1.0, 1.0, 0.95) >= 0.8 > stats.power(n - 2, 1.0, 1.0, 0.95)
+    assert stats.seeds_for_power(1.0, 1.0, stats.bonferroni_level(24)) > n
+    m = stats.seeds_for_power(1.0, 1.0, 0.95, absence=True)
+    assert stats.power(m, 1.0, 1.0, 0.95, absence=True) >= 0.8 > stats.power(m - 2, 1.0, 1.0, 0.95, absence=True)
+    assert stats.sd_upper(1.0, 9) > 1.0
 
 
 def test_identical_seeds_give_a_zero_width_interval():
