@@ -34,7 +34,7 @@ def show(results: dict[str, Any], console: Console | None = None) -> None:
     claims = results["meta"].get("train_summary", {}).get("claims", [])
     if claims and "verdict" in claims[0]:
         colour = {"holds": "green", "does not hold": "red", "negligible": "yellow", "inconclusive": "magenta"}
-        table = Table(title="the lesson's claims (95% interval over seeds)")
+        table = Table(title="the lesson's claims (interval over seeds; see report.md for its level)")
         for c in ("claim", "framework", "verdict", "effect [95% CI]", "min effect", "seeds", "regime ok"):
             table.add_column(c)
         for c in claims:

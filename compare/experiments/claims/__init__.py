@@ -11,7 +11,7 @@ from compare.experiments.claims.design import (
     Plan,
 )
 from compare.experiments.claims.effects import ROW, ROWS, ClaimRow, Runs, generalisation_gap, select, unstable
-from compare.experiments.claims.judge import PROBED, claims, framework_agreement, judge, setting
+from compare.experiments.claims.verdicts import PROBED, claims, framework_agreement, judge, setting
 
 __all__ = [
     "ABLATED_FRACTION",
