@@ -162,49 +162,83 @@ def test_frameworks_that_reach_different_verdicts_are_marked_as_disagreeing():
     assert not v[("dropout_reduces_overfitting", "torch")]["agrees"]
 
 
-def test_every_claim_of_the_lesson_has_a_spec_and_a_figure():
+def test_every_row_of_the_lesson_is_a_claim_of_the_table_or_a_fact_and_has_a_figure():
+    """Ten rows are statistical claims (the table, one function each); the two about
+    inference are deterministic facts of the spec; every one is drawn."""
+    from compare.experiments.claims import facts
     from compare.report.figures import claims as claim_plots
 
-    assert set(claims.ROW) == set(claim_plots.DRAW)
-    assert len(claims.ROWS) == 12 and all(s.min_effect > 0 for s in claims.ROWS)
     lesson_rows = {"bn_speeds_up_training", "bn_allows_higher_learning_rates", "bn_reduces_internal_covariate_shift",
                    "bn_improves_stability", "dropout_improves_stability", "bn_reduces_overfitting",
                    "dropout_reduces_overfitting", "dropout_stops_reliance_on_particular_neurons",
                    "dropout_behaves_like_an_implicit_ensemble", "bn_active_at_inference",
                    "dropout_active_at_inference", "order_avoids_variance_shift"}  # fmt: skip
-    assert set(claims.ROW) == lesson_rows
+    assert set(claims.ROW) | set(facts.FACT) == lesson_rows and not set(claims.ROW) & set(facts.FACT)
+    assert set(claim_plots.DRAW) == set(claims.ROW)
+    assert all(r.min_effect > 0 and len(r.arms) == 2 and callable(r.effect) for r in claims.ROWS)
+    assert [r.name for r in claims.ROWS if not r.family] == ["unscaled"]  # the ablation without rescaling, beside
+    assert {claim_plots.path_of(c) for c in facts.FACT} == {"facts_at_inference.png"}
 
 
-def test_the_quick_plan_runs_every_seed_in_both_frameworks_and_more_in_full():
+def test_the_old_names_of_the_claims_table_still_work_with_a_deprecation_warning():
+    import importlib
+    import sys
+    import warnings
+
+    sys.modules.pop("compare.experiments.design", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        design = importlib.import_module("compare.experiments.design")
+        assert design.Spec is claims.ClaimRow and design.SPECS is claims.ROWS
+        from compare.experiments import stats as old_stats
+    assert old_stats.interval is stats.interval
+    messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert any("design.Spec is compare.experiments.claims.effects.ClaimRow" in m for m in messages), messages
+
+
+def test_the_quick_plan_puts_the_frameworks_on_disjoint_seeds_and_runs_a_few_in_both():
     quick, full = claims.PLANS["quick"], claims.PLANS["full"]
-    assert len(quick.seeds) >= 5 and len(quick.second_seeds) >= 2 and set(quick.second_seeds) <= set(quick.seeds)
+    assert not set(quick.seeds) & set(quick.second_seeds) and len(quick.seeds) >= 5
+    assert set(quick.shared_seeds) <= set(quick.seeds) | set(quick.second_seeds) and len(quick.shared_seeds) == 2
+    for seed in quick.all_seeds():
+        assert quick.frameworks(seed) == (("torch", "linen") if seed in quick.shared_seeds else
+                                          ("torch",) if seed in quick.seeds else ("linen",))  # fmt: skip
     assert len(full.seeds) > len(quick.seeds) and len(full.lrs) > len(quick.lrs)
-    runs = quick.runs()
+    runs = quick.seed_runs(quick.seeds[0])
     assert {r.claim for r in runs} == {"learning_rate", "overfitting", "order"}
-    assert all(np.isin(r.seed, quick.seeds) for r in runs)
+    assert {r.label_noise for r in runs if r.claim == "overfitting"} == {0.0, 0.3}
+    assert all(r.track_steps for r in runs if r.claim == "learning_rate" and r.variant == "standard")
 
 
-def test_a_tiny_plan_gives_every_claim_a_verdict_in_both_frameworks_a_report_and_a_figure_each(tmp_path):
-    """The whole path of ``--suite train`` at toy sizes (2 seeds, 2 learning rates, a few
-    epochs): the verdicts mean nothing here, only that each is one of the four."""
+def test_a_tiny_plan_gives_every_row_a_pooled_verdict_a_report_and_a_figure_each(tmp_path):
+    """The whole path of ``--suite train`` at toy sizes, in this process (2 seeds per
+    framework, 2 learning rates, one epoch): the verdicts mean nothing here, only that each
+    row has one of the four, at the Bonferroni level, with torch and linen pooled."""
     import dataclasses
 
-    from compare.experiments import data, training
+    from compare.experiments.claims import runner, verdicts
     from compare.report import lesson
     from compare.report.figures import claims as claim_plots
 
-    ds = data.load("digits")
-    ds = data.Dataset(ds.name, ds.x_train[:256], ds.y_train[:256], ds.x_test[:256], ds.y_test[:256], 10)
     plan = dataclasses.replace(
-        claims.PLANS["quick"], seeds=(0, 1), second_seeds=(0, 1), hidden=(32, 32), lrs=(0.1, 3.0), lr_epochs=2,
-        overfit_size=100, overfit_epochs=3, order_epochs=1,
+        claims.PLANS["quick"], seeds=(0, 1), second_seeds=(2, 3), shared_seeds=(0,), hidden=(16, 16), lrs=(0.1, 3.0),
+        lrs_above=(10.0,), search_steps=1, lr_epochs=1, overfit_size=50, overfit_epochs=2, order_epochs=1,
+        target_accuracy=0.5,
     )  # fmt: skip
-    records = training.run(plan.runs(), ds, frameworks_of=plan.frameworks, target=plan.target_accuracy)
-    verdicts = claims.claims(records)
-    assert len(verdicts) == 2 * len(claims.ROWS)
-    assert {v["verdict"] for v in verdicts} <= set(stats.VERDICTS) and all(v["seeds"] == 2 for v in verdicts)
-    results = {"meta": {"train_summary": {"claims": verdicts}}, "train": records}
+    records = []
+    runner.run_units(runner.units([plan]), 0, lambda unit, recs, timing: records.extend(recs))
+    analysis = verdicts.Analysis({"torch": plan.seeds, "linen": plan.second_seeds}, shared=plan.shared_seeds)
+    summary = verdicts.summary(records, analysis)
+    family = [c for c in summary["claims"] if c["in_family"]]
+    assert summary["family"]["k"] == len(family) == 12 and {c["framework"] for c in family} == {"pooled"}
+    assert all(c["level"] == pytest.approx(1 - 0.05 / 12) for c in summary["claims"])
+    assert {c["verdict"] for c in summary["claims"]} <= set(stats.VERDICTS)
+    assert all(c["blocks"] == {"torch": 2, "linen": 2} for c in family if not c.get("excluded"))
+    assert {f["claim"] for f in summary["facts"]} == {"bn_active_at_inference", "dropout_active_at_inference"}
+    assert {c["seeds"] == [0] for c in summary["implementation_check"]} == {True}
+    results = {"meta": {"train_summary": summary}, "train": records}
     text = "\n".join(lesson.report_lines(results, ""))
-    assert all(s.statement in text for s in claims.ROWS) and "claims_intervals.png" in text
-    drawn = claim_plots.draw_all(records, verdicts, tmp_path)
-    assert set(drawn) == {*claims.ROW, "intervals"} and all(p.stat().st_size > 5_000 for p in drawn.values())
+    assert all(r.statement in text for r in claims.ROWS) and "claims_intervals.png" in text and "k = 12" in text
+    drawn = claim_plots.draw_all(records, summary["claims"], tmp_path)
+    assert set(drawn) >= {*claims.ROW, "intervals", "per_seed", "facts"}
+    assert all(p.stat().st_size > 5_000 for p in drawn.values())
