@@ -79,17 +79,18 @@ def pilot(path: Path, root: Path) -> list[str]:
         f"From the protocol `{path.relative_to(root).as_posix()}` ({head.get('name')}; pilot:"
         f" `{head.get('pilot', '?')}`). Per row: the pilot's per-seed standard deviation (pooled within framework),"
         f" its {head.get('sd_confidence', 0.8):.0%} upper confidence limit that the seed count is sized from, the seeds"
-        f" per framework for {head.get('power', 0.8):.0%} power at {stats.bonferroni_level(head.get('k', 1)):.3%}"
-        f" (k = {head.get('k')}), and the power that count has.",
+        f" per framework needed for {head.get('power', 0.8):.0%} power at {stats.bonferroni_level(head.get('k', 1)):.3%}"
+        f" (k = {head.get('k')}), the seeds its experiment runs (the most any of its rows needs, at most"
+        f" {head.get('seed_cap')} to fit the CPU budget), and the power that count has.",
         "",
-        "| row | dataset | min effect | pilot mean | pilot sd | sd used | seeds per framework | power |",
-        "|---|---|---|---|---|---|---|---|",
+        "| row | dataset | min effect | pilot mean | pilot sd | sd used | seeds needed | seeds run | power |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in doc["claims"]:
         for ds, p in sorted(c.get("pilot", {}).items()):
             lines.append(
                 f"| {c['row']} | {ds} | {c['min_effect']:g} | {p['mean']:.3g} | {p['sd']:.3g} | {p['sd_upper']:.3g} |"
-                f" {p['seeds']} | {p['power']:.2f} |"
+                f" {p['seeds']} | {p['seeds_run']} | {p['power']:.2f} |"
             )
     return lines
 

@@ -139,10 +139,11 @@ class Plan:
         return [cfg for seed in dict.fromkeys(self.all_seeds()) for cfg in self.seed_runs(seed)]
 
     def all_seeds(self) -> tuple[int, ...]:
-        return tuple(dict.fromkeys((*self.seeds, *self.second_seeds, *self.shared_seeds)))
+        return tuple(dict.fromkeys((*self.seeds, *self.second_seeds)))
 
     def frameworks(self, cfg_or_seed) -> tuple[str, ...]:
-        """The frameworks a seed (or a run's seed) runs in."""
+        """The frameworks a seed (or a run's seed) runs in: both for a shared seed (one of a
+        block's seeds that the other framework runs too; a shared seed in no block is ignored)."""
         seed = getattr(cfg_or_seed, "seed", cfg_or_seed)
         shared = seed in self.shared_seeds
         return tuple(

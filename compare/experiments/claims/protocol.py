@@ -176,3 +176,160 @@ def builtin(
     analysis = Analysis({"torch": plan.seeds, "linen": plan.second_seeds}, shared=plan.shared_seeds)
     meta = {"name": f"built-in {name} plan", "kind": "exploratory", "plan": dataclasses.asdict(plan)}
     return Design((plan,), analysis, meta)
+
+
+# --- drafting the confirmatory protocol from a pilot -------------------------------------------------
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"""' + value + '"""' if "\n" in value else '"' + value.replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _unit_costs(pilot: dict) -> dict[tuple[str, str, str], float]:
+    """(dataset, framework, experiment) -> CPU seconds per seed, from the pilot's units: each
+    unit's CPU time split by its runs' wall times (the searches count as learning_rate)."""
+    units = pilot["meta"]["train_timing"]["units"]
+    share: dict[str, dict[str, float]] = {}
+    for r in pilot["train"]:
+        e = "learning_rate" if r["claim"] == "lr_search" else r["claim"]
+        share.setdefault(f"{r['dataset']}/{r['framework']}/{r['seed']}", {}).setdefault(e, 0.0)
+        share[f"{r['dataset']}/{r['framework']}/{r['seed']}"][e] += r["wall_s"]
+    cost: dict[tuple[str, str, str], list[float]] = {}
+    for key, parts in share.items():
+        if key not in units:
+            continue
+        ds, fw, _ = key.split("/")
+        total = sum(parts.values())
+        for e, w in parts.items():
+            cost.setdefault((ds, fw, e), []).append(units[key]["cpu_s"] * w / total)
+    return {k: sum(v) / len(v) for k, v in cost.items()}
+
+
+def draft(
+    pilot: dict, template: str, *, name: str, seed_offset: int, pilot_path: str, pilot_sha256: str,
+    budget_cpu_s: float, power_target: float = 0.8, sd_confidence: float = 0.8, at_least: int = 5, shared: int = 4,
+) -> tuple[str, dict]:  # fmt: skip
+    """The confirmatory protocol's text from a pilot's results and its protocol (the design,
+    datasets and minimum effects are the pilot's): per family row, dataset and regime, the
+    seeds per framework that give ``power_target`` at ``1 - alpha / k`` from the upper
+    ``sd_confidence`` limit of the pilot's pooled sd (at least ``at_least``); an experiment
+    runs the most any of its rows needs, up to a cap: the largest count per framework for
+    which the CPU time estimated from the pilot fits ``budget_cpu_s`` (the rows that need
+    more than the cap get the cap, and the power each row keeps is written down). Returns
+    the text and what it was derived from."""
+    from compare.experiments.claims import stats
+
+    base = tomllib.loads(template)
+    k = parse(template).analysis.k
+    level = stats.bonferroni_level(k, base["protocol"].get("alpha", 0.05))
+    rows = {row_key(r): r for r in ROWS}
+    pilot_claims = {(c["row"], c["dataset"], c.get("regime")): c for c in pilot["meta"]["train_summary"]["claims"]}
+    need: dict[tuple[str, str, str | None], dict] = {}
+    for c in base["claims"]:
+        row = rows[c["row"]]
+        for ds in base["datasets"]:
+            for regime in [g for g in row.regimes]:
+                p = pilot_claims.get((c["row"], ds, regime))
+                if p is None or p.get("sd") is None:
+                    raise ProtocolError(f"the pilot has no spread for {c['row']} on {ds} {regime or ''}")
+                sd_up = stats.sd_upper(p["sd"], p["df"], sd_confidence)
+                n = stats.seeds_for_power(sd_up, c["min_effect"], level, target=power_target, absence=row.absence,
+                                          at_least=2 * at_least) // 2  # fmt: skip
+                need[(c["row"], ds, regime)] = {"mean": p["effect"], "sd": p["sd"], "sd_upper": sd_up, "seeds": n,
+                                                "family": row.family, "experiment": row.experiment,
+                                                "min_effect": c["min_effect"], "absence": row.absence}  # fmt: skip
+    costs = _unit_costs(pilot)
+
+    def counts(cap: int) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {ds: dict.fromkeys(EXPERIMENTS, at_least) for ds in base["datasets"]}
+        for (_, ds, _), v in need.items():
+            if v["family"]:
+                e = v["experiment"]
+                out[ds][e] = max(out[ds][e], min(cap, v["seeds"]))
+        return out
+
+    def cpu(c: dict[str, dict[str, int]]) -> float:
+        total = 0.0
+        for ds, per in c.items():
+            for fw in ("torch", "linen"):
+                total += sum(n * costs.get((ds, fw, e), 0.0) for e, n in per.items())
+                total += (shared / 2) * sum(costs.get((ds, fw, e), 0.0) for e in EXPERIMENTS)  # the check's extra runs
+        return total
+
+    cap = max(v["seeds"] for v in need.values())
+    while cap > at_least and cpu(counts(cap)) > budget_cpu_s:
+        cap -= 1
+    final = counts(cap)
+    for (_, ds, _), v in need.items():
+        n = final[ds][v["experiment"]]
+        v["seeds_run"] = n
+        v["power"] = stats.power(2 * n, v["sd_upper"], v["min_effect"], level, absence=v["absence"])
+    derived = {"k": k, "level": level, "cap": cap, "cpu_s": cpu(final), "counts": final, "need": need,
+               "costs": {"/".join(k): v for k, v in costs.items()}}  # fmt: skip
+    return _render(base, name, seed_offset, pilot_path, pilot_sha256, budget_cpu_s, power_target, sd_confidence,
+                   shared, derived), derived  # fmt: skip
+
+
+def _render(base, name, seed_offset, pilot_path, pilot_sha256, budget, power_target, sd_confidence, shared, derived):
+    head = {
+        **base["protocol"], "name": name, "kind": "confirmatory", "seed_offset": seed_offset, "shared_seeds": shared,
+        "k": derived["k"], "power": power_target, "sd_confidence": sd_confidence, "pilot": pilot_path,
+        "pilot_sha256": pilot_sha256, "budget_cpu_s": budget, "estimated_cpu_s": round(derived["cpu_s"]),
+        "seed_cap": derived["cap"],
+    }  # fmt: skip
+    lines = [
+        f"# The confirmatory protocol of the lesson's claims, written from the pilot ({pilot_path})",
+        "# by scripts/draft_claims_protocol.py and committed before the confirmation ran:",
+        "#   python -m compare.run --suite train --protocol protocols/claims-confirmation.toml \\",
+        "#       --out results/cpu-2core-x86_64/claims-confirmation",
+        "# Each row's seeds per framework give 80% power to see its minimum effect at the corrected level",
+        "# (Bonferroni over k rows), from the pilot's per-seed sd (its upper 80% limit); an experiment runs",
+        "# the most any of its rows needs, up to 'seed_cap': the largest count per framework for which the",
+        "# CPU time estimated from the pilot fits the budget; 'power' says what each row has with what runs.",
+        "",
+        "[protocol]",
+        *(f"{k} = {_toml(v)}" for k, v in head.items()),
+        "",
+        "[design]",
+        *(f"{k} = {_toml(v)}" for k, v in base["design"].items()),
+    ]
+    for ds, fields in base["datasets"].items():
+        lines += ["", f"[datasets.{ds}]", *(f"{k} = {_toml(v)}" for k, v in fields.items() if k != "seeds"),
+                  f"seeds = {_toml(derived['counts'][ds])}"]  # fmt: skip
+    rows = {row_key(r): r for r in ROWS}
+    for c in base["claims"]:
+        row = rows[c["row"]]
+        pilot_stats = {
+            f"{ds}" + (f"/{g}" if g else ""): {key: round(v[key], 5) if isinstance(v[key], float) else v[key]
+                                                for key in ("mean", "sd", "sd_upper", "seeds", "seeds_run", "power")}
+            for (r, ds, g), v in derived["need"].items() if r == c["row"]
+        }  # fmt: skip
+        lines += [
+            "",
+            "[[claims]]",
+            f"row = {_toml(c['row'])}",
+            f"metric = {_toml(row.metric)}",
+            f"arms = {_toml(list(row.arms))}",
+            f"experiment = {_toml(row.experiment)}",
+            f"absence = {_toml(row.absence)}",
+            f"family = {_toml(row.family)}",
+            f"regimes = {_toml([g for g in row.regimes if g])}",
+            f"datasets = {_toml(list(base['datasets']))}",
+            f"min_effect = {_toml(c['min_effect'])}",
+            *(f"pilot.{_quote(key)} = {_toml(v)}" for key, v in pilot_stats.items()),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _quote(key: str) -> str:
+    return f'"{key}"' if "/" in key else key
