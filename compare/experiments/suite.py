@@ -73,6 +73,8 @@ def _train(args: argparse.Namespace, progress: Progress, saved: Saved) -> dict:
         and previous.get("sha256", previous.get("name")) != design.meta.get("sha256", design.meta.get("name"))
     ):
         raise SystemExit("--resume: the saved train units were made with another protocol or plan; use a new --out")
+    if saved.data.get("train"):  # a resumed run's records, read back from results.json
+        saved.data["train"] = [runner.revive(r) for r in saved.data["train"]]
     done = set(meta.get("train_units_done", []))
     every = runner.units(design.plans, args.data_dir, args.device)
     todo = [u for u in every if u.key not in done]

@@ -53,9 +53,9 @@ SEARCHES = (("BatchNorm", "target"), ("plain", "target"), ("BatchNorm", "stable"
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    seeds: tuple[int, ...] = tuple(range(6))  # torch's block
-    second_seeds: tuple[int, ...] = tuple(range(6, 12))  # linen's block, disjoint from torch's
-    shared_seeds: tuple[int, ...] = (0, 6)  # run in both frameworks: the implementation check
+    seeds: tuple[int, ...] = tuple(range(4))  # torch's block (4 + 4 + 2 shared: --suite train in ~4 min on 2 cores)
+    second_seeds: tuple[int, ...] = tuple(range(4, 8))  # linen's block, disjoint from torch's
+    shared_seeds: tuple[int, ...] = (0, 4)  # run in both frameworks: the implementation check
     dataset: str = "digits"
     synthetic: dict | None = None  # the synthetic dataset's parameters (compare.experiments.synthetic)
     val_fraction: float = 0.2

@@ -118,6 +118,19 @@ def run_seed(unit: Unit) -> list[dict]:
     return records
 
 
+_NON_FINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+def revive(value):
+    """A record read back from results.json, its non-finite numbers floats again (the file
+    writes them as the strings "nan", "inf", "-inf")."""
+    if isinstance(value, dict):
+        return {k: revive(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [revive(v) for v in value]
+    return _NON_FINITE.get(value, value) if isinstance(value, str) else value
+
+
 def thread_settings() -> dict:
     """What this process computes with: torch's thread counts, the environment that sets
     OpenMP's, MKL's and XLA's, and the versions."""

@@ -33,8 +33,11 @@ def legend(fig, handles, labels) -> None:
 
 
 def log_plain(axis) -> None:
-    """A log axis with its ticks written plainly (0.5, 1, 2, not 5 x 10^-1)."""
-    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    """A log axis with its ticks written plainly (0.5, 1, 2, not 5 x 10^-1): 1-2-5 within
+    two decades, powers of ten over more."""
+    low, high = sorted(axis.get_view_interval())
+    decades = np.log10(high / low) if low > 0 else 3
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 2 else (1.0,)))
     axis.set_major_formatter(FuncFormatter(plain))
     axis.set_minor_formatter(NullFormatter())
 
@@ -51,7 +54,7 @@ def band(ax, x, rows: list[list[float]], colour, fw: str, label: str | None, spr
         warnings.simplefilter("ignore", RuntimeWarning)  # a column of NaN (every seed diverged): not drawn
         mean, low, high = np.nanmean(a, 0), np.nanmin(a, 0), np.nanmax(a, 0)
     x = np.asarray(x)[:n]
-    ax.plot(x, mean, LINE[fw], marker=MARK[fw], ms=3, color=colour, label=label)
+    ax.plot(x, mean, LINE[fw], marker=MARK[fw], ms=3, markevery=max(1, n // 12), color=colour, label=label)
     if spread:
         ax.fill_between(x, low, high, color=colour, alpha=0.12 if fw == "torch" else 0.07, lw=0)
 

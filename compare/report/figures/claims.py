@@ -81,7 +81,7 @@ def _estimates(ax, records, ds, arm, criterion, y) -> None:
         est = [arm_largest_lr(runs, s, arm, criterion)[0] for s in runs.seeds if lr_arm(runs, s, arm)]
         if est:
             g = 10 ** np.mean(np.log10(est))
-            ax.errorbar(g, y + (0.03 if k else 0.0), xerr=[[g - min(est)], [max(est) - g]], fmt=MARK[fw],
+            ax.errorbar(g, y + (0.03 if k else 0.0), xerr=[[max(0.0, g - min(est))], [max(0.0, max(est) - g)]], fmt=MARK[fw],
                         color=ARM_COLOUR[arm], capsize=3, ms=5, mfc="white" if fw == "linen" else ARM_COLOUR[arm])  # fmt: skip
 
 
@@ -124,23 +124,25 @@ def stability(arms: tuple[str, ...]) -> Callable:
     return draw
 
 
-def ics(records, ax, ds, _regime_name) -> None:
+def ics(layer: str) -> Callable:
     arms = (("BatchNorm", dict(use_bn=True, variant="standard")), ("plain", dict(use_bn=False, variant="standard")),
             ("noisy BatchNorm", dict(use_bn=True, variant="noisy_bn")))  # fmt: skip
-    for fw in _frameworks(records):
-        for name, match in arms:
-            rs = [r for r in select(records, "learning_rate", framework=fw, dataset=ds, **match)
-                  if "ics_l2" in (r.get("probes") or {})]  # fmt: skip
-            for layer in ("fc2", "head"):
+
+    def draw(records, ax, ds, _regime_name) -> None:
+        for fw in _frameworks(records):
+            for name, match in arms:
+                rs = [r for r in select(records, "learning_rate", framework=fw, dataset=ds, **match)
+                      if "ics_l2" in (r.get("probes") or {})]  # fmt: skip
                 rows = [r["probes"]["ics_l2"].get(layer, []) for r in rs]
                 if any(rows):
                     x = np.arange(1, 1 + max(map(len, rows)))
-                    colour = ARM_COLOUR[name] if layer == "fc2" else darker(ARM_COLOUR[name])
-                    band(ax, x, rows, colour, fw, _label(f"{name}, {layer}", fw, len(rows)))
-    ax.set_yscale("log")
-    log_plain(ax.yaxis)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("internal covariate shift ||G - G'||\n(Santurkar et al.; optimizer's own step)")
+                    band(ax, x, rows, ARM_COLOUR[name], fw, _label(name, fw, len(rows)))
+        ax.set_yscale("log")
+        log_plain(ax.yaxis)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"ICS at {layer}: ||G - G'||\n(the layers before take the optimizer's step)")
+
+    return draw
 
 
 def overfitting(arm: str) -> Callable:
@@ -232,10 +234,10 @@ def order(records, ax, ds, _regime_name) -> None:
     ax.set_ylabel("running variance / eval-mode variance\nof BatchNorm's input (bars: mean, sd over seeds)")
 
 
-DRAW: dict[str, tuple[Callable, bool]] = {  # claim -> (draw, one panel per regime)
+DRAW: dict[str, tuple[Callable | tuple[Callable, ...], bool]] = {  # claim -> (draw(s), one panel per regime)
     "bn_speeds_up_training": (speed, False),
     "bn_allows_higher_learning_rates": (higher_lr, False),
-    "bn_reduces_internal_covariate_shift": (ics, False),
+    "bn_reduces_internal_covariate_shift": ((ics("fc2"), ics("head")), False),
     "bn_improves_stability": (stability(("BatchNorm", "plain")), False),
     "dropout_improves_stability": (stability(("Dropout", "plain")), False),
     "bn_reduces_overfitting": (overfitting("BatchNorm"), True),
@@ -251,18 +253,22 @@ def path_of(claim: str) -> str:
 
 
 def draw_claim(records: list[dict], claim: str, out: Path) -> Path | None:
+    """One panel per dataset (and regime, and each of several measures), one legend."""
     draw, by_regime = DRAW[claim]
-    panels = _panels(records, ROW[claim].experiment, by_regime)
+    panels = [(d, g, f) for d, g in _panels(records, ROW[claim].experiment, by_regime)
+              for f in (draw if isinstance(draw, tuple) else (draw,))]  # fmt: skip
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False, layout="constrained")
-    for ax, (ds, regime) in zip(axes[0], panels, strict=True):
-        draw(records, ax, ds, regime)
+    labels: dict[str, object] = {}
+    for ax, (ds, regime, f) in zip(axes[0], panels, strict=True):
+        f(records, ax, ds, regime)
         ax.set_title(ds + (f", {REGIMES[regime]}" if regime else ""), fontsize=9)
         ax.grid(True, alpha=0.3)
-    handles, labels = axes[0][-1].get_legend_handles_labels()
-    if handles:
-        legend(fig, handles, labels)
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            labels.setdefault(label, handle)
+    if labels:
+        legend(fig, list(labels.values()), list(labels))
     fig.suptitle(ROW[claim].statement, fontsize=10)
     return save(fig, out / path_of(claim))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from compare.experiments.claims import generalisation_gap
-from compare.report.figures.bands import ARM_COLOUR, FRAMEWORKS, MARK, band, log_plain, save
+from compare.report.figures.bands import ARM_COLOUR, FRAMEWORKS, MARK, band, legend, log_plain, save
 from compare.report.figures.style import plt
 
 
@@ -51,6 +51,7 @@ def learning_curves(records: list[dict], path: Path) -> Path | None:
                              layout="constrained")  # fmt: skip
     for row, ds in zip(axes, datasets, strict=True):
         for ax, use_bn in zip(row, (True, False), strict=True):
+            diverged = []
             for fw in _fws(recs):
                 for lr in lrs:
                     rs = [
@@ -61,14 +62,26 @@ def learning_curves(records: list[dict], path: Path) -> Path | None:
                     if rs:
                         curves = [r["curves"]["test_acc"] for r in rs]
                         x = np.arange(1, 1 + max(map(len, curves)))
-                        diverged = sum(r["diverged"] for r in rs)
-                        label = f"lr {lr:g}, {fw} ({len(rs)} seeds" + (f", {diverged} diverged)" if diverged else ")")
-                        band(ax, x, curves, colours[lr], fw, label)
-            ax.set_title(f"{ds}, {'with' if use_bn else 'without'} BatchNorm", fontsize=9)
+                        band(ax, x, curves, colours[lr], fw, f"lr {lr:g}, {fw}")
+                        if any(r["diverged"] for r in rs):
+                            diverged.append(f"lr {lr:g} {fw}: {sum(r['diverged'] for r in rs)} of {len(rs)}")
+            if diverged:
+                ax.text(0.98, 0.03, "diverged (curves of the others):\n" + "\n".join(diverged), transform=ax.transAxes,
+                        ha="right", va="bottom", fontsize=6, bbox=dict(facecolor="white", alpha=0.8, lw=0))  # fmt: skip
+            n = {
+                fw: len({r["seed"] for r in recs if r["framework"] == fw and r.get("dataset", "?") == ds})
+                for fw in _fws(recs)
+            }
+            seeds = ", ".join(f"{fw} {k} seeds" for fw, k in n.items())
+            ax.set_title(f"{ds}, {'with' if use_bn else 'without'} BatchNorm ({seeds}; band: their range)", fontsize=9)
             ax.set_xlabel("epoch")
             ax.grid(True, alpha=0.3)
         row[0].set_ylabel("test accuracy (eval mode)")
-        row[1].legend(fontsize=6, ncols=2, loc="lower right")
+    labels = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            labels.setdefault(label, handle)
+    legend(fig, list(labels.values()), list(labels))
     return save(fig, path)
 
 
