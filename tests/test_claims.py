@@ -242,3 +242,13 @@ def test_a_tiny_plan_gives_every_row_a_pooled_verdict_a_report_and_a_figure_each
     drawn = claim_plots.draw_all(records, summary["claims"], tmp_path)
     assert set(drawn) >= {*claims.ROW, "intervals", "per_seed", "facts"}
     assert all(p.stat().st_size > 5_000 for p in drawn.values())
+
+
+def test_docs_claims_md_is_generated_from_the_committed_runs_and_protocols():
+    """``python -m compare.report.lesson --docs docs/claims.md`` rewrites its blocks; a hand
+    edit, or a run committed without regenerating it, fails here."""
+    from pathlib import Path
+
+    from compare.report import lesson
+
+    assert lesson.main(["--docs", str(Path(__file__).resolve().parents[1] / "docs" / "claims.md"), "--check"]) == 0

@@ -84,12 +84,15 @@ def _train(args: argparse.Namespace, progress: Progress, saved: Saved) -> dict:
         if u.key in done:
             progress(f"{u.key} (done before)", None)
     timing = meta.setdefault("train_timing", {"units": {}})
-    settings = runner.worker_settings() if workers else runner.thread_settings()
-    meta |= {"train_protocol": design.meta, "train_threads": {**settings, "workers": workers}}
+    meta["train_protocol"] = design.meta
     last = [time.monotonic()]
     t0, c0 = time.perf_counter(), time.process_time()
 
     def finished(unit, records, unit_timing):
+        settings = unit_timing.pop("settings")
+        before = {k: v for k, v in meta.get("train_threads", settings).items() if k not in ("workers", "differ")}
+        differ = before != settings or meta.get("train_threads", {}).get("differ", False)
+        meta["train_threads"] = {**settings, "workers": workers, **({"differ": True} if differ else {})}
         saved.merge({"train": records})
         meta["train_units_done"] = [*meta.get("train_units_done", []), unit.key]
         timing["units"][unit.key] = {k: round(v, 3) if isinstance(v, float) else v for k, v in unit_timing.items()}

@@ -164,7 +164,7 @@ def _work(unit: Unit) -> tuple[str, list[dict], dict]:
     t0, c0 = time.perf_counter(), time.process_time()
     records = run_seed(unit)
     timing = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "pid": os.getpid()}
-    return unit.key, records, timing
+    return unit.key, records, {**timing, "settings": thread_settings()}
 
 
 def _pool(workers: int):
@@ -180,12 +180,6 @@ def _pool(workers: int):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def worker_settings() -> dict:
-    """:func:`thread_settings` as a worker sees them (one short-lived worker)."""
-    with _pool(1) as pool:
-        return pool.apply(thread_settings)
 
 
 def run_units(todo: list[Unit], workers: int, done: Callable[[Unit, list[dict], dict], None]) -> None:

@@ -43,13 +43,15 @@ def log_plain(axis) -> None:
 
 
 def band(ax, x, rows: list[list[float]], colour, fw: str, label: str | None, spread: bool = True) -> None:
-    """Mean over seeds with the seeds' range (``spread``); rows of unequal length (diverged
-    runs) are cut to the shortest; NaN values (a diverged run) are left out of the mean."""
+    """Mean over seeds with the seeds' range (``spread``). A shorter row (a run that diverged
+    and stopped) and NaN values drop out of the points they do not reach."""
     rows = [r for r in rows if len(r)]
     if not rows:
         return
-    n = min(len(r) for r in rows)
-    a = np.array([r[:n] for r in rows], dtype=float)
+    n = min(len(x), max(len(r) for r in rows))
+    a = np.full((len(rows), n), np.nan)
+    for i, r in enumerate(rows):
+        a[i, : min(n, len(r))] = np.asarray(r[:n], dtype=float)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a column of NaN (every seed diverged): not drawn
         mean, low, high = np.nanmean(a, 0), np.nanmin(a, 0), np.nanmax(a, 0)

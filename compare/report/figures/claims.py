@@ -163,8 +163,8 @@ def overfitting(arm: str) -> Callable:
                     _label(f"{name}: test", fw, len(rs)),
                 )
                 train = [r["curves"].get("train_clean_loss") or r["curves"]["train_loss"] for r in rs]
-                ax.plot(x[: len(train[0])], np.mean([t[: len(train[0])] for t in train], 0), ":", color=ARM_COLOUR[name],
-                        lw=1, label=f"{name}: train, right labels, {fw}")  # fmt: skip
+                band(ax, x, train, ARM_COLOUR[name], fw, f"{name}: train, right labels, {fw}", spread=False)
+                ax.lines[-1].set(linestyle=":", marker="", lw=1)
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss (eval mode)")
         ax.set_yscale("log")
