@@ -133,7 +133,7 @@ def _loop(cfg: RunConfig, ds, net, target: float) -> dict:
         "diverged": diverged,
         "steps_to_target": reached["test"],
         "wall_s": time.perf_counter() - t0,
-        "curves": curves,
+        "curves": {k: [float(f"{v:.6g}") for v in vals] for k, vals in curves.items()},  # 6 digits: results.json's size
         "ics": ics,
         "target_check": "step" if cfg.track_steps else "epoch",
     }
