@@ -221,7 +221,7 @@ class Claim(Record):
     metric: str = field(table=False)  # what one seed's effect is
     min_effect: float = field()
     effect: float | None = field()  # mean of the per-seed effects
-    ci_low: float | None = field()  # 95% t-interval of that mean
+    ci_low: float | None = field()  # t-interval of that mean, at `level` (95% in 0.2)
     ci_high: float | None = field()
     seeds: int = field()
     per_seed: list[float] = field(table=False)
