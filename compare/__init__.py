@@ -71,6 +71,8 @@ DEPRECATED_MODULES: dict[str, tuple[str, ...]] = {
     "compare.flops": ("compare.bench.flops",),
     "compare.data": ("compare.experiments.data",),
     "compare.training": ("compare.experiments.training", "compare.experiments.claims"),
+    "compare.experiments.design": ("compare.experiments.claims.design",),
+    "compare.experiments.stats": ("compare.experiments.claims.stats",),
     "compare.results": ("compare.report.results",),
     "compare.plots": (
         "compare.report.figures.bench",

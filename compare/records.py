@@ -202,6 +202,11 @@ class TrainRecord(Record):
     label_noise: float | None = field(optional=True)
     hidden: list[int] | None = field(optional=True, table=False)
     probes: dict | None = field(optional=True, table=False)  # compare.experiments.probes' measurements
+    # 0.3: claims a reviewer can trust (absent from older runs)
+    final_val_acc: float | None = field(optional=True)  # eval mode, on the seed's validation split
+    val_steps_to_target: int | None = field(optional=True, table=False)  # first step (or epoch end) at the target
+    target_check: str | None = field(optional=True, table=False)  # "step" | "epoch": how often the target is checked
+    search: dict | None = field(optional=True, table=False)  # lr_search runs: criterion, arm, bracket after this run
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -221,7 +226,7 @@ class Claim(Record):
     metric: str = field(table=False)  # what one seed's effect is
     min_effect: float = field()
     effect: float | None = field()  # mean of the per-seed effects
-    ci_low: float | None = field()  # 95% t-interval of that mean
+    ci_low: float | None = field()  # t-interval of that mean, at `level` (95% in 0.2)
     ci_high: float | None = field()
     seeds: int = field()
     per_seed: list[float] = field(table=False)
@@ -229,6 +234,56 @@ class Claim(Record):
     agrees: bool | None = field(optional=True)  # the other framework reached the same verdict
     setting: str = field(table=False)  # data, model and sizes the verdict holds for
     detail: str = field(table=False)
+    # 0.3: the pooled analysis of a protocol (absent from older runs)
+    dataset: str | None = field(optional=True)
+    regime: str | None = field(optional=True)  # the overfitting experiment's "clean" | "noisy"
+    level: float | None = field(optional=True)  # the interval's confidence: 1 - alpha / family_size
+    family_size: int | None = field(optional=True, table=False)  # k, the rows judged together (Bonferroni)
+    in_family: bool | None = field(optional=True, table=False)  # False: a second measure, reported beside
+    row: str | None = field(optional=True, table=False)  # the claims table's row ("claim" or "claim:name")
+    df: int | None = field(optional=True, table=False)
+    sd: float | None = field(optional=True, table=False)  # per-seed standard deviation, pooled within blocks
+    blocks: dict[str, int] | None = field(optional=True, table=False)  # seeds measured per framework
+    per_seed_seeds: list[int] | None = field(optional=True, table=False)  # the seed of each per_seed value
+    per_seed_frameworks: list[str] | None = field(optional=True, table=False)  # and its framework
+    excluded: list[dict] | None = field(optional=True, table=False)  # seeds left out: framework, seed, why
+    kind: str | None = field(optional=True, table=False)  # "exploratory" | "pilot" | "confirmatory"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ImplementationCheck(Record):
+    """Derived: one claim's per-seed effects in torch and in linen on the seeds both ran
+    (meta.train_summary.implementation_check), reported apart from the verdicts."""
+
+    SUITE: ClassVar[str] = ""
+    claim: str = field()
+    dataset: str = field()
+    regime: str | None = field()
+    seeds: list[int] = field(table=False)
+    torch_effects: list[float] = field(table=False)
+    linen_effects: list[float] = field(table=False)
+    mean_diff: float = field()  # torch - linen, mean over the shared seeds
+    max_abs_diff: float = field()
+    min_effect: float = field()
+    ok: bool = field()  # |mean_diff| < min_effect
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Fact(Record):
+    """Derived: a deterministic row of the lesson (eval mode), checked on every probed network
+    of one framework and dataset (meta.train_summary.facts)."""
+
+    SUITE: ClassVar[str] = ""
+    claim: str = field()
+    dataset: str = field()
+    framework: str = field()
+    holds: bool = field()  # the statement (what is true) held on every network
+    networks: int = field()
+    lesson: str = field(table=False)  # what the lesson's table says
+    statement: str = field(table=False)
+    spec_id: str = field(table=False)  # the SEMANTICS.md fact that pins it
+    test: str = field(table=False)
+    measured: dict = field(table=False)  # the largest residuals and changes over the networks
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -8,15 +8,58 @@ import math
 import numpy as np
 import pytest
 
-from compare.experiments import claims, stats
+from compare.experiments import claims
+from compare.experiments.claims import stats
 
 
 def test_the_interval_is_the_paired_t_interval_of_the_mean():
-    """[1, 2, 3, 4, 5]: mean 3, sd sqrt(2.5), t(0.975, 4) = 2.776 (tabulated to 3 decimals,
-    so the bounds agree to 1e-3 with scipy's 1.0368 and 4.9632)."""
+    """[1, 2, 3, 4, 5]: mean 3, sd sqrt(2.5), t(0.975, 4) = 2.7764451: bounds 1.0367568 and 4.9632432."""
     ci = stats.interval([1, 2, 3, 4, 5])
-    assert ci.effect == 3.0 and ci.n == 5
-    assert ci.low == pytest.approx(1.0368, abs=1e-3) and ci.high == pytest.approx(4.9632, abs=1e-3)
+    assert ci.effect == 3.0 and ci.n == 5 and ci.df == 4 and ci.level == 0.95
+    assert ci.low == pytest.approx(1.0367568, abs=1e-6) and ci.high == pytest.approx(4.9632432, abs=1e-6)
+
+
+def test_t_quantiles_are_exact_above_30_degrees_of_freedom():
+    """0.2 returned the normal 1.96 above df = 30: at df = 31 the exact quantile is 2.0395,
+    so its intervals were 3.9% too narrow."""
+    assert stats.t_quantile(31) == pytest.approx(2.039513, abs=1e-6)
+    assert stats.t_quantile(4) == pytest.approx(2.776445, abs=1e-6)
+    assert stats.t_quantile(10**6) == pytest.approx(1.959966, abs=1e-5)
+
+
+def test_bonferroni_intervals_are_wider_by_the_quantile_at_one_minus_alpha_over_k():
+    x = [0.1, 0.3, 0.2, 0.4, 0.25, 0.35]
+    one, family = stats.interval(x), stats.interval(x, stats.bonferroni_level(24))
+    assert stats.bonferroni_level(24) == pytest.approx(1 - 0.05 / 24)
+    ratio = (family.high - family.effect) / (one.high - one.effect)
+    assert ratio == pytest.approx(stats.t_quantile(5, 1 - 0.05 / 24) / stats.t_quantile(5), rel=1e-12)
+    assert family.low < one.low and family.high > one.high and family.level == 1 - 0.05 / 24
+
+
+def test_a_blocked_interval_removes_the_difference_between_blocks_from_the_error():
+    """Two frameworks whose effects differ by a constant 1.0: the mean of the block means is
+    the midpoint; the pooled within-block sd is that of one block (the shift is a block
+    effect, not noise), with df = seeds - blocks; one block is the plain interval."""
+    a = np.array([0.1, 0.3, 0.2, 0.4])
+    ci = stats.blocked_interval({"torch": a, "linen": a + 1.0})
+    assert ci.effect == pytest.approx(a.mean() + 0.5) and ci.df == 6 and ci.n == 8
+    assert ci.sd == pytest.approx(a.std(ddof=1))
+    half = stats.t_quantile(6) * a.std(ddof=1) * math.sqrt(1 / 4 + 1 / 4) / 2
+    assert ci.high - ci.effect == pytest.approx(half)
+    plain = stats.blocked_interval({"torch": a})
+    assert (plain.low, plain.high) == (stats.interval(a).low, stats.interval(a).high)
+
+
+def test_the_seed_count_for_power_matches_the_normal_approximation_and_grows_with_the_correction():
+    """sd = m: the normal approximation ((z(1-a/2) + z(0.8)) sd / m)^2 gives 7.85 at a = 0.05; the
+    t-based count is a little larger; Bonferroni over 24 claims needs more; a claimed
+    absence (inside +-m when the truth is 0) needs its own count."""
+    n = stats.seeds_for_power(1.0, 1.0, 0.95, blocks=2)
+    assert n in (10, 12) and stats.power(n, 1.0, 1.0, 0.95) >= 0.8 > stats.power(n - 2, 1.0, 1.0, 0.95)
+    assert stats.seeds_for_power(1.0, 1.0, stats.bonferroni_level(24)) > n
+    m = stats.seeds_for_power(1.0, 1.0, 0.95, absence=True)
+    assert stats.power(m, 1.0, 1.0, 0.95, absence=True) >= 0.8 > stats.power(m - 2, 1.0, 1.0, 0.95, absence=True)
+    assert stats.sd_upper(1.0, 9) > 1.0
 
 
 def test_identical_seeds_give_a_zero_width_interval():
@@ -119,49 +162,93 @@ def test_frameworks_that_reach_different_verdicts_are_marked_as_disagreeing():
     assert not v[("dropout_reduces_overfitting", "torch")]["agrees"]
 
 
-def test_every_claim_of_the_lesson_has_a_spec_and_a_figure():
+def test_every_row_of_the_lesson_is_a_claim_of_the_table_or_a_fact_and_has_a_figure():
+    """Ten rows are statistical claims (the table, one function each); the two about
+    inference are deterministic facts of the spec; every one is drawn."""
+    from compare.experiments.claims import facts
     from compare.report.figures import claims as claim_plots
 
-    assert set(claims.SPEC) == set(claim_plots.DRAW)
-    assert len(claims.SPECS) == 12 and all(s.min_effect > 0 for s in claims.SPECS)
     lesson_rows = {"bn_speeds_up_training", "bn_allows_higher_learning_rates", "bn_reduces_internal_covariate_shift",
                    "bn_improves_stability", "dropout_improves_stability", "bn_reduces_overfitting",
                    "dropout_reduces_overfitting", "dropout_stops_reliance_on_particular_neurons",
                    "dropout_behaves_like_an_implicit_ensemble", "bn_active_at_inference",
                    "dropout_active_at_inference", "order_avoids_variance_shift"}  # fmt: skip
-    assert set(claims.SPEC) == lesson_rows
+    assert set(claims.ROW) | set(facts.FACT) == lesson_rows and not set(claims.ROW) & set(facts.FACT)
+    assert set(claim_plots.DRAW) == set(claims.ROW)
+    assert all(r.min_effect > 0 and len(r.arms) == 2 and callable(r.effect) for r in claims.ROWS)
+    assert [r.name for r in claims.ROWS if not r.family] == ["unscaled"]  # the ablation without rescaling, beside
+    assert {claim_plots.path_of(c) for c in facts.FACT} == {"facts_at_inference.png"}
 
 
-def test_the_quick_plan_runs_every_seed_in_both_frameworks_and_more_in_full():
+def test_the_old_names_of_the_claims_table_still_work_with_a_deprecation_warning():
+    import importlib
+    import sys
+    import warnings
+
+    sys.modules.pop("compare.experiments.design", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        design = importlib.import_module("compare.experiments.design")
+        assert design.Spec is claims.ClaimRow and design.SPECS is claims.ROWS
+        from compare.experiments import stats as old_stats
+    assert old_stats.interval is stats.interval
+    messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert any("design.Spec is compare.experiments.claims.effects.ClaimRow" in m for m in messages), messages
+
+
+def test_the_quick_plan_puts_the_frameworks_on_disjoint_seeds_and_runs_a_few_in_both():
     quick, full = claims.PLANS["quick"], claims.PLANS["full"]
-    assert len(quick.seeds) >= 5 and len(quick.second_seeds) >= 2 and set(quick.second_seeds) <= set(quick.seeds)
+    assert not set(quick.seeds) & set(quick.second_seeds) and len(quick.seeds) >= 4
+    assert set(quick.shared_seeds) <= set(quick.seeds) | set(quick.second_seeds) and len(quick.shared_seeds) == 2
+    for seed in quick.all_seeds():
+        assert quick.frameworks(seed) == (("torch", "linen") if seed in quick.shared_seeds else
+                                          ("torch",) if seed in quick.seeds else ("linen",))  # fmt: skip
     assert len(full.seeds) > len(quick.seeds) and len(full.lrs) > len(quick.lrs)
-    runs = quick.runs()
+    runs = quick.seed_runs(quick.seeds[0])
     assert {r.claim for r in runs} == {"learning_rate", "overfitting", "order"}
-    assert all(np.isin(r.seed, quick.seeds) for r in runs)
+    assert {r.label_noise for r in runs if r.claim == "overfitting"} == {0.0, 0.3}
+    assert all(r.track_steps for r in runs if r.claim == "learning_rate" and r.variant == "standard")
 
 
-def test_a_tiny_plan_gives_every_claim_a_verdict_in_both_frameworks_a_report_and_a_figure_each(tmp_path):
-    """The whole path of ``--suite train`` at toy sizes (2 seeds, 2 learning rates, a few
-    epochs): the verdicts mean nothing here, only that each is one of the four."""
+def test_a_tiny_plan_gives_every_row_a_pooled_verdict_a_report_and_a_figure_each(tmp_path):
+    """The whole path of ``--suite train`` at toy sizes, in this process (2 seeds per
+    framework, 2 learning rates, one epoch): the verdicts mean nothing here, only that each
+    row has one of the four, at the Bonferroni level, with torch and linen pooled."""
     import dataclasses
 
-    from compare.experiments import data, training
+    from compare.experiments.claims import runner, verdicts
     from compare.report import lesson
     from compare.report.figures import claims as claim_plots
 
-    ds = data.load("digits")
-    ds = data.Dataset(ds.name, ds.x_train[:256], ds.y_train[:256], ds.x_test[:256], ds.y_test[:256], 10)
     plan = dataclasses.replace(
-        claims.PLANS["quick"], seeds=(0, 1), second_seeds=(0, 1), hidden=(32, 32), lrs=(0.1, 3.0), lr_epochs=2,
-        overfit_size=100, overfit_epochs=3, order_epochs=1,
+        claims.PLANS["quick"], seeds=(0, 1), second_seeds=(2, 3), shared_seeds=(0,), hidden=(16, 16), lrs=(0.1, 3.0),
+        lrs_above=(10.0,), search_steps=1, lr_epochs=1, overfit_size=50, overfit_epochs=2, order_epochs=1,
+        target_accuracy=0.5,
     )  # fmt: skip
-    records = training.run(plan.runs(), ds, frameworks_of=plan.frameworks, target=plan.target_accuracy)
-    verdicts = claims.claims(records)
-    assert len(verdicts) == 2 * len(claims.SPECS)
-    assert {v["verdict"] for v in verdicts} <= set(stats.VERDICTS) and all(v["seeds"] == 2 for v in verdicts)
-    results = {"meta": {"train_summary": {"claims": verdicts}}, "train": records}
+    records = []
+    runner.run_units(runner.units([plan]), 0, lambda unit, recs, timing: records.extend(recs))
+    analysis = verdicts.Analysis({"torch": plan.seeds, "linen": plan.second_seeds}, shared=plan.shared_seeds)
+    summary = verdicts.summary(records, analysis)
+    family = [c for c in summary["claims"] if c["in_family"]]
+    assert summary["family"]["k"] == len(family) == 12 and {c["framework"] for c in family} == {"pooled"}
+    assert all(c["level"] == pytest.approx(1 - 0.05 / 12) for c in summary["claims"])
+    assert {c["verdict"] for c in summary["claims"]} <= set(stats.VERDICTS)
+    assert all(c["blocks"] == {"torch": 2, "linen": 2} for c in family if not c.get("excluded"))
+    assert {f["claim"] for f in summary["facts"]} == {"bn_active_at_inference", "dropout_active_at_inference"}
+    assert {c["seeds"] == [0] for c in summary["implementation_check"]} == {True}
+    results = {"meta": {"train_summary": summary}, "train": records}
     text = "\n".join(lesson.report_lines(results, ""))
-    assert all(s.statement in text for s in claims.SPECS) and "claims_intervals.png" in text
-    drawn = claim_plots.draw_all(records, verdicts, tmp_path)
-    assert set(drawn) == {*claims.SPEC, "intervals"} and all(p.stat().st_size > 5_000 for p in drawn.values())
+    assert all(r.statement in text for r in claims.ROWS) and "claims_intervals.png" in text and "k = 12" in text
+    drawn = claim_plots.draw_all(records, summary["claims"], tmp_path)
+    assert set(drawn) >= {*claims.ROW, "intervals", "per_seed", "facts"}
+    assert all(p.stat().st_size > 5_000 for p in drawn.values())
+
+
+def test_docs_claims_md_is_generated_from_the_committed_runs_and_protocols():
+    """``python -m compare.report.lesson --docs docs/claims.md`` rewrites its blocks; a hand
+    edit, or a run committed without regenerating it, fails here."""
+    from pathlib import Path
+
+    from compare.report import lesson
+
+    assert lesson.main(["--docs", str(Path(__file__).resolve().parents[1] / "docs" / "claims.md"), "--check"]) == 0

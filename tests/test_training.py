@@ -3,6 +3,7 @@ probes that measure what they say."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -54,13 +55,52 @@ def test_the_same_seed_gives_bit_identical_runs_twice_in_a_row_in_each_framework
 
 
 def test_the_internal_covariate_shift_is_the_same_in_torch_and_linen_when_nothing_is_random():
-    """BatchNorm, no Dropout, same weights and batches: Santurkar's gradient change at fc2
-    after every epoch agrees across the frameworks (measured 5e-6 relative after two
-    epochs; the bound leaves room for float32 summation order as training drifts apart)."""
+    """BatchNorm, no Dropout, same weights and batches: Santurkar's ||G - G'|| at every layer
+    with layers before it (fc2 and head), with each framework's own optimizer step, after
+    every epoch, agrees across the frameworks (measured 2e-7 relative after two epochs; the
+    bound leaves room for float32 summation order as training drifts apart)."""
     cfg = training.RunConfig("learning_rate", "mlp", True, 0.0, 0.1, epochs=2, hidden=(32, 32), probes=("ics",))
     torch_rec, linen_rec = training.run_one(cfg, _small_digits())
-    assert len(torch_rec["probes"]["ics"]) == 2 and all(v > 0 for v in torch_rec["probes"]["ics"])
-    np.testing.assert_allclose(linen_rec["probes"]["ics"], torch_rec["probes"]["ics"], rtol=1e-3)
+    assert set(torch_rec["probes"]["ics_l2"]) == {"fc2", "head"}
+    for key in ("ics_l2", "ics_cos", "ics_rel"):
+        for layer, values in torch_rec["probes"][key].items():
+            assert len(values) == 2 and all(v > 0 for v in values)
+            np.testing.assert_allclose(linen_rec["probes"][key][layer], values, rtol=1e-3)
+
+
+def test_the_internal_covariate_shift_moves_the_layers_before_with_the_optimizers_own_momentum_step():
+    """After a few steps the momentum buffer is not zero: G' is taken after the step SGD with
+    momentum would make, ``p - lr * (0.9 * buf + g)``, not after a plain ``p - lr * g``; and
+    measuring changes nothing of the run (parameters and optimizer state untouched)."""
+    import torch
+
+    net = _trained("torch", 0.0, epochs=1)
+    params = {k: v.detach().clone() for k, v in net.model.named_parameters()}
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    state = {k: v["momentum_buffer"].clone() for k, v in zip(params, net.opt.state.values(), strict=True)}
+    stepped = net._optimizer_step(params, grads)
+    for k, v in params.items():
+        expected = v - 0.1 * (0.9 * state[k] + grads[k])
+        torch.testing.assert_close(stepped[k], expected, rtol=1e-6, atol=1e-7)
+    before = {k: v.detach().clone() for k, v in net.model.named_parameters()}
+    net.gradient_shift(np.arange(64), probes.ics_layers(2))
+    for k, v in net.model.named_parameters():
+        assert torch.equal(v, before[k])
+    assert all(torch.equal(net.opt.state[p]["momentum_buffer"], state[k]) for k, p in net.model.named_parameters())
+
+
+def test_the_target_is_checked_after_every_step_on_the_validation_and_test_splits():
+    ds = data.load("digits", seed=3, val_fraction=0.2, test_fraction=0.3)
+    cfg = training.RunConfig(
+        "learning_rate", "mlp", True, 0.0, 0.1, epochs=2, seed=3, hidden=(32, 32), track_steps=True
+    )
+    (rec,) = training.run_one(cfg, ds, frameworks=("torch",), target=0.8)
+    per_epoch = len(ds.x_train) // 64
+    assert rec["target_check"] == "step" and 0 < rec["steps_to_target"] <= 2 * per_epoch
+    assert 0 < rec["val_steps_to_target"] <= 2 * per_epoch and "val_acc" in "".join(rec["curves"])
+    coarse = training.run_one(dataclasses.replace(cfg, track_steps=False), ds, frameworks=("torch",), target=0.8)[0]
+    assert coarse["steps_to_target"] % per_epoch == 0 and coarse["steps_to_target"] >= rec["steps_to_target"]
+    assert coarse["curves"] == rec["curves"]  # checking more often changes nothing of the run
 
 
 @pytest.mark.parametrize("framework", ["torch", "linen"])
@@ -93,8 +133,9 @@ def _trained(framework: str, dropout: float, epochs: int = 2):
 @pytest.mark.parametrize("framework", ["torch", "linen"])
 def test_ablating_no_units_keeps_the_accuracy_and_ablating_all_leaves_one_prediction(framework):
     net = _trained(framework, 0.0)
-    out = probes.ablation(net, (0.0, 1.0), draws=2)
-    assert out["ablation_acc"]["0.0"] == out["ablation_full_acc"]
+    out = probes.ablation(net, (0.0, 0.5, 1.0), draws=2)
+    assert out["ablation_acc"]["0.0"] == out["ablation_acc_rescaled"]["0.0"] == out["ablation_full_acc"]
+    assert "1.0" not in out["ablation_acc_rescaled"]  # nothing is left to rescale
     every = {name: np.zeros(32, np.float32) for name in ("drop1", "drop2")}
     (only,) = np.unique(net.logits("test", ablate=every).argmax(-1))  # only the head's bias is left
     assert out["ablation_acc"]["1.0"] == float(np.mean(net.labels("test") == only))
@@ -164,3 +205,45 @@ def test_a_subset_is_class_balanced_and_its_noisy_labels_are_always_wrong():
 def test_a_subset_that_cannot_be_drawn_names_every_problem():
     with pytest.raises(ValueError, match="fewer than one image per class.*label_noise must be in"):
         data.subset(data.load("digits"), 5, 1.5)
+
+
+def test_each_seed_draws_its_own_split_and_its_own_subset_and_wrong_labels():
+    a, b = (
+        data.load("digits", seed=1, val_fraction=0.2, test_fraction=0.3),
+        data.load("digits", seed=2, val_fraction=0.2, test_fraction=0.3),
+    )
+    assert (len(a.x_train), len(a.x_val), len(a.x_test)) == (899, 359, 539)
+    assert not np.array_equal(a.x_test, b.x_test)
+    rows = {x.tobytes() for x in (*a.x_train, *a.x_val, *a.x_test)}
+    assert len(rows) >= 1797 - 20  # disjoint splits (a few digits images are duplicates of each other)
+    again = data.load("digits", seed=1, val_fraction=0.2, test_fraction=0.3)
+    np.testing.assert_array_equal(again.x_val, a.x_val)
+    s1, s2 = data.subset(a, 300, 0.3, seed=1), data.subset(a, 300, 0.3, seed=2)
+    assert not np.array_equal(s1.y_train_true, s2.y_train_true) or not np.array_equal(s1.x_train, s2.x_train)
+    right = s1.y_train == s1.y_train_true
+    assert 0.62 < right.mean() < 0.78 and np.array_equal(data.subset(a, 300, 0.0, seed=1).x_train, s1.x_train)
+    assert set(nets.splits(s1)) == {"train", "test", "val", "train_clean"}
+    assert len(nets.splits(s1)["train_clean"][0]) == right.sum()
+
+
+def test_the_synthetic_task_is_generated_from_the_seed_and_its_noise_sets_its_difficulty():
+    """The same seed gives the same arrays (to both frameworks); another seed other images;
+    more noise lowers what a linear classifier reaches (measured 0.97 at 0.5, 0.47 at 2.0)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from compare.experiments import synthetic
+
+    x, y = synthetic.images(5)
+    x2, y2 = synthetic.images(5)
+    np.testing.assert_array_equal(x, x2) and np.testing.assert_array_equal(y, y2)
+    assert x.shape == (1800, 1, 8, 8) and x.dtype == np.float32 and np.bincount(y).tolist() == [180] * 10
+    assert not np.array_equal(synthetic.images(6)[0], x)
+
+    def linear_accuracy(noise):
+        ds = data.load("synthetic", seed=0, test_fraction=0.3, synthetic={"noise": noise})
+        clf = LogisticRegression(max_iter=1000).fit(ds.x_train.reshape(len(ds.x_train), -1), ds.y_train)
+        return clf.score(ds.x_test.reshape(len(ds.x_test), -1), ds.y_test)
+
+    assert linear_accuracy(0.5) > linear_accuracy(2.0) + 0.3
+    with pytest.raises(ValueError, match="similarity 1.0 in \\[0, 1\\)"):
+        synthetic.images(0, similarity=1.0)

@@ -4,8 +4,11 @@ Nothing is downloaded at run time. The default is scikit-learn's copy of the UCI
 handwritten digits (1,797 8x8 grey images, 10 classes), which ships inside the
 ``scikit-learn`` wheel: real data, small enough that a grid of runs in two frameworks
 takes minutes on two CPU cores, and hard enough that BatchNorm and Dropout make a
-visible difference. MNIST, Fashion-MNIST (IDX files, gzipped or not) and CIFAR-10 (the
-python batches) are read from a folder the user already has.
+visible difference. ``synthetic`` is an image task generated from the seed, whose
+difficulty its parameters set (``compare.experiments.synthetic``). MNIST, Fashion-MNIST
+(IDX files, gzipped or not) and CIFAR-10 (the python batches) are read from a folder the
+user already has. Each seed can draw its own split (train, validation, test) and its own
+subsets.
 
 Images are returned in torch layout (N, C, H, W), float32, normalised with the mean and
 standard deviation of the *training* split only.
@@ -14,6 +17,7 @@ standard deviation of the *training* split only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +32,10 @@ from compare.io.datasets import (  # the readers of untrusted files live in io  
     read_idx,
 )
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
+DATASETS = ("digits", "synthetic", "mnist", "fashion_mnist", "cifar10")
+# numpy streams of one seed, one per purpose: SeedSequence([seed, tag]); the batches use
+# [seed, epoch] with epochs far below these tags, so no two purposes share a stream
+SPLIT_STREAM, SUBSET_STREAM, SYNTHETIC_STREAM = 2**31 + 1, 2**31 + 2, 2**31 + 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +46,9 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    x_val: np.ndarray | None = None  # the validation split (learning rates are chosen on it), when drawn
+    y_val: np.ndarray | None = None
+    y_train_true: np.ndarray | None = None  # the true training labels when some of y_train are made wrong
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -53,18 +63,49 @@ def _normalise(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np.
     return ((x_train - mean) / std).astype(np.float32), ((x_test - mean) / std).astype(np.float32)
 
 
-def digits(seed: int = 0, test_fraction: float = 0.5) -> Dataset:
-    """scikit-learn's 8x8 digits, split into train and test with a fixed seed."""
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     x = bunch.images.astype(np.float32)[:, None, :, :]  # (N, 8, 8) -> (N, 1, 8, 8), values 0..16
+    x.flags.writeable = False
     y = bunch.target.astype(np.int64)
+    y.flags.writeable = False
+    return x, y
+
+
+def split(
+    name: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    num_classes: int,
+    seed: int,
+    test_fraction: float,
+    val_fraction: float = 0.0,
+) -> Dataset:
+    """Train, test and (``val_fraction > 0``) validation splits of one set of images, drawn
+    from ``seed``, normalised with the training split's statistics."""
+    if not (0 < test_fraction and 0 <= val_fraction and test_fraction + val_fraction < 1):
+        raise ValueError(f"fractions test {test_fraction} and validation {val_fraction}: each in [0, 1), sum < 1")
     order = np.random.default_rng(seed).permutation(len(x))
-    n_test = round(len(x) * test_fraction)
-    test, train = order[:n_test], order[n_test:]
+    n_test, n_val = round(len(x) * test_fraction), round(len(x) * val_fraction)
+    test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
     x_train, x_test = _normalise(x[train], x[test])
-    return Dataset("digits", x_train, y[train], x_test, y[test], 10)
+    ds = Dataset(name, x_train, y[train], x_test, y[test], num_classes)
+    if n_val:
+        _, x_val = _normalise(x[train], x[val])
+        ds = dataclasses.replace(ds, x_val=x_val, y_val=y[val])
+    return ds
+
+
+def digits(seed: int = 0, test_fraction: float = 0.5, val_fraction: float = 0.0) -> Dataset:
+    """scikit-learn's 8x8 digits, split into train, test and (``val_fraction > 0``)
+    validation with ``seed``: seed 0 without a validation split is 0.2's fixed split."""
+    x, y = _digits_arrays()
+    if val_fraction:  # a seed's own split (0.2's digits(0) keeps its exact permutation)
+        seed = np.random.SeedSequence([seed, SPLIT_STREAM])
+    return split("digits", x, y, 10, seed, test_fraction, val_fraction)
 
 
 # --- IDX (MNIST, Fashion-MNIST) -------------------------------------------------------------
@@ -112,25 +153,59 @@ def cifar10(data_dir: Path) -> Dataset:
     return Dataset("cifar10", x_train, y_train, x_test, y_test, 10)
 
 
-def load(name: str = "digits", data_dir: str | Path | None = None, seed: int = 0) -> Dataset:
-    """One of ``DATASETS``; all but ``digits`` read from ``data_dir``."""
+def load(
+    name: str = "digits",
+    data_dir: str | Path | None = None,
+    seed: int = 0,
+    *,
+    val_fraction: float = 0.0,
+    test_fraction: float = 0.5,
+    synthetic: dict | None = None,
+) -> Dataset:
+    """One of ``DATASETS``; all but ``digits`` and ``synthetic`` read from ``data_dir``.
+
+    ``seed`` draws the split (digits, and the validation split of the others) and, for
+    ``synthetic``, the images themselves (``synthetic``: its parameters,
+    :func:`compare.experiments.synthetic.images`). ``val_fraction`` of the images
+    (of the training split, for datasets that ship their own test split) become a
+    validation split."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     if name == "digits":
-        return digits(seed)
+        return digits(seed, test_fraction, val_fraction)
+    if name == "synthetic":
+        from compare.experiments import synthetic as synth
+
+        x, y = synth.images(seed, **(synthetic or {}))
+        return split("synthetic", x, y, int(y.max()) + 1, np.random.SeedSequence([seed, SPLIT_STREAM]),
+                     test_fraction, val_fraction)  # fmt: skip
     if data_dir is None:
         raise ValueError(f"--dataset {name} needs --data-dir: the folder with its files (nothing is downloaded)")
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: not a directory")
-    return cifar10(data_dir) if name == "cifar10" else idx_dataset(name, data_dir)
+    ds = cifar10(data_dir) if name == "cifar10" else idx_dataset(name, data_dir)
+    return with_validation(ds, val_fraction, seed) if val_fraction else ds
+
+
+def with_validation(ds: Dataset, fraction: float, seed: int) -> Dataset:
+    """``fraction`` of the training split, drawn with ``seed``, becomes the validation split
+    (the training statistics that normalised both are kept)."""
+    order = np.random.default_rng([seed, SPLIT_STREAM]).permutation(len(ds.x_train))
+    n_val = round(len(order) * fraction)
+    val, train = order[:n_val], order[n_val:]
+    return dataclasses.replace(
+        ds, x_train=ds.x_train[train], y_train=ds.y_train[train], x_val=ds.x_train[val], y_val=ds.y_train[val]
+    )
 
 
 def subset(ds: Dataset, n: int, label_noise: float = 0.0, seed: int = 0) -> Dataset:
     """A class-balanced subset of ``n`` training images (``n // num_classes`` per class),
     with a fraction ``label_noise`` of its labels replaced by a different class drawn
-    uniformly; the test split is untouched. The same (n, label_noise, seed) gives the same
-    subset to every run and framework."""
+    uniformly (``y_train_true`` keeps the true ones); the test and validation splits are
+    untouched. The same (n, seed) gives the same images whatever the noise, and the same
+    (n, label_noise, seed) the same subset to every run and framework; each seed draws its
+    own images and its own wrong labels."""
     per_class = n // ds.num_classes
     counts = np.bincount(ds.y_train, minlength=ds.num_classes)
     problems = []
@@ -142,13 +217,13 @@ def subset(ds: Dataset, n: int, label_noise: float = 0.0, seed: int = 0) -> Data
         problems.append(f"label_noise must be in [0, 1), got {label_noise}")
     if problems:
         raise ValueError(f"subset of {ds.name}: " + "; ".join(problems))
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, SUBSET_STREAM])
     idx = np.concatenate([rng.permutation(np.flatnonzero(ds.y_train == c))[:per_class] for c in range(ds.num_classes)])
     idx = rng.permutation(idx)
     y = ds.y_train[idx].copy()
     flip = rng.random(len(y)) < label_noise
     y[flip] = (y[flip] + rng.integers(1, ds.num_classes, int(flip.sum()))) % ds.num_classes  # never the true class
-    return dataclasses.replace(ds, x_train=ds.x_train[idx], y_train=y)
+    return dataclasses.replace(ds, x_train=ds.x_train[idx], y_train=y, y_train_true=ds.y_train[idx].copy())
 
 
 def batches(n: int, batch_size: int, seed: int, epoch: int) -> Iterator[np.ndarray]:

@@ -25,6 +25,7 @@ run's JAX key): the frameworks are compared by their statistics, not mask by mas
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import flax.linen as nn
@@ -46,6 +47,18 @@ NOISE_SHIFT = (-1.0, 1.0)  # noisy_bn: per-channel offset, uniform (BatchNorm's 
 
 def _inputs(spec: registry.ModelSpec, x: np.ndarray) -> np.ndarray:
     return x.reshape(len(x), -1) if len(spec.input_shape) == 1 else x  # mlp: (N, C, H, W) -> (N, C*H*W)
+
+
+def splits(ds) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The dataset's arrays by split name: ``train``, ``test``, ``val`` (when drawn) and
+    ``train_clean`` (the training images whose labels are right, when some are made wrong)."""
+    out = {"train": (ds.x_train, ds.y_train), "test": (ds.x_test, ds.y_test)}
+    if getattr(ds, "x_val", None) is not None:
+        out["val"] = (ds.x_val, ds.y_val)
+    if getattr(ds, "y_train_true", None) is not None:
+        right = ds.y_train == ds.y_train_true
+        out["train_clean"] = (ds.x_train[right], ds.y_train[right])
+    return out
 
 
 def _hidden_layers(spec: registry.ModelSpec) -> int:
@@ -82,7 +95,7 @@ class TorchNet:
         self.opt = ttrain.sgd(self.model, lr=cfg.lr, momentum=0.9)
         self.data = {
             split: (torch.from_numpy(_inputs(spec, x)).to(self.dev), torch.from_numpy(y).to(self.dev))
-            for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test))
+            for split, (x, y) in splits(ds).items()
         }
         self._ablate: dict[str, torch.Tensor] | None = None
         self._captured: dict[str, tuple] | None = None
@@ -179,10 +192,13 @@ class TorchNet:
             if _index(name, "bn") is not None
         }
 
-    def gradient_change(self, idx: np.ndarray, layer: str, before: tuple[str, ...]) -> float:
-        """Santurkar et al.'s internal covariate shift of ``layer``: ``||G - G'|| / ||G||``,
-        G the gradient of ``layer``'s weight on the batch, G' the same after the layers in
-        ``before`` took one plain gradient step (at the run's learning rate), train mode."""
+    def gradient_shift(self, idx: np.ndarray, layers: dict[str, tuple[str, ...]]) -> dict[str, tuple[float, ...]]:
+        """Santurkar et al.'s internal covariate shift (definition 2.1), train mode, on the
+        batch ``idx``: per weight layer ``L`` (``layers``: L -> the modules before it), G
+        is the gradient of ``L.weight``, G' the same after the modules before ``L`` took
+        the optimizer's own step (SGD with momentum, from its current state, on G's
+        batch); nothing of the run changes. Returns per layer ``(||G - G'||, ||G||,
+        cos(G, G'))``."""
         from torch.func import functional_call
 
         x, y = (t[torch.from_numpy(idx).to(self.dev)] for t in self.data["train"])
@@ -199,10 +215,26 @@ class TorchNet:
 
         self.model.train()
         g = grads(params)
-        moved = {k: v - self.cfg.lr * g[k] if k.split(".")[0] in before else v for k, v in params.items()}
-        g2 = grads(moved)
-        w = f"{layer}.weight"
-        return float(torch.linalg.norm(g[w] - g2[w]) / torch.linalg.norm(g[w]))
+        stepped = self._optimizer_step(params, g)
+        out = {}
+        for layer, before in layers.items():
+            moved = {k: stepped[k] if k.split(".")[0] in before else v for k, v in params.items()}
+            a, b = g[f"{layer}.weight"], grads(moved)[f"{layer}.weight"]
+            cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+            out[layer] = (float(torch.linalg.norm(a - b)), float(torch.linalg.norm(a)), float(cos))
+        return out
+
+    def _optimizer_step(self, params: dict[str, torch.Tensor], g: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The parameters after one step of a copy of the run's optimizer (its state copied
+        too) with gradients ``g``; the run's parameters and optimizer are untouched."""
+        clones = {k: v.clone() for k, v in params.items()}  # in the optimizer's parameter order
+        group = {k: v for k, v in self.opt.param_groups[0].items() if k != "params"}
+        opt = type(self.opt)(list(clones.values()), **group)
+        opt.load_state_dict(copy.deepcopy(self.opt.state_dict()))
+        for k, c in clones.items():
+            c.grad = g[k].clone()
+        opt.step()
+        return clones
 
 
 # --- linen ---------------------------------------------------------------------------------
@@ -281,7 +313,7 @@ def _linen_fns(spec: registry.ModelSpec, variant: str, rate: float):
     def stochastic(params, x, key):  # models without BatchNorm only (train=True would switch it too)
         return apply({"params": params}, x, train=True, rngs={"dropout": key})
 
-    def grad_change(params, batch_stats, x, y, lr, layer: str, before: tuple[str, ...]):
+    def grad_shift(params, batch_stats, opt_state, x, y, layers: tuple[tuple[str, tuple[str, ...]], ...]):
         def loss(p):
             out, _ = apply(
                 {"params": p, "batch_stats": batch_stats},
@@ -293,11 +325,17 @@ def _linen_fns(spec: registry.ModelSpec, variant: str, rate: float):
             return ftrain.cross_entropy(out, y)
 
         g = jax.grad(loss)(params)
-        moved = {k: jax.tree.map(lambda a, b: a - lr * b, v, g[k]) if k in before else v for k, v in params.items()}
-        g2 = jax.grad(loss)(moved)
-        return jnp.linalg.norm(g[layer]["kernel"] - g2[layer]["kernel"]) / jnp.linalg.norm(g[layer]["kernel"])
+        updates, _ = tx.update(g, opt_state, params)  # the optimizer's own step, from its state
+        stepped = optax.apply_updates(params, updates)
+        out = {}
+        for layer, before in layers:
+            moved = {k: stepped[k] if k in before else v for k, v in params.items()}
+            a, b = g[layer]["kernel"], jax.grad(loss)(moved)[layer]["kernel"]
+            cos = jnp.sum(a * b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b))
+            out[layer] = (jnp.linalg.norm(a - b), jnp.linalg.norm(a), cos)
+        return out
 
-    return tx, step, logits, captured, stochastic, jax.jit(grad_change, static_argnames=("layer", "before"))
+    return tx, step, logits, captured, stochastic, jax.jit(grad_shift, static_argnames=("layers",))
 
 
 class LinenNet:
@@ -308,7 +346,7 @@ class LinenNet:
         if cfg.variant not in VARIANTS:
             raise ValueError(f"unknown variant {cfg.variant!r}; known: {', '.join(VARIANTS)}")
         self.spec, self.cfg = spec, cfg
-        self.tx, self._step, self._logits, self._captured, self._stochastic, self._grad_change = _linen_fns(
+        self.tx, self._step, self._logits, self._captured, self._stochastic, self._grad_shift = _linen_fns(
             spec, cfg.variant, float(cfg.dropout)
         )
         self.state = ftrain.linen_init_state(transfer.torch_to_linen(init, spec), self.tx)
@@ -316,7 +354,7 @@ class LinenNet:
         self.key = jax.random.key(cfg.seed)
         self.data = {
             split: (jnp.asarray(to_flax_input(_inputs(spec, x))), jnp.asarray(y))
-            for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test))
+            for split, (x, y) in splits(ds).items()
         }
 
     def train_epoch(self, idxs) -> list[float]:
@@ -354,7 +392,8 @@ class LinenNet:
         """BatchNorm's running variance per layer (Flax keeps the biased batch variance)."""
         return {k: np.asarray(v["var"]) for k, v in self.state.batch_stats.items()}
 
-    def gradient_change(self, idx: np.ndarray, layer: str, before: tuple[str, ...]) -> float:
+    def gradient_shift(self, idx: np.ndarray, layers: dict[str, tuple[str, ...]]) -> dict[str, tuple[float, ...]]:
         x, y = (t[idx] for t in self.data["train"])
-        lr = jnp.asarray(self.cfg.lr, jnp.float32)
-        return float(self._grad_change(self.state.params, self.state.batch_stats, x, y, lr, layer, before))
+        frozen = tuple((k, tuple(v)) for k, v in layers.items())
+        out = self._grad_shift(self.state.params, self.state.batch_stats, self.state.opt_state, x, y, frozen)
+        return {k: tuple(float(v) for v in vals) for k, vals in out.items()}

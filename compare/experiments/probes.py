@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-ICS_LAYER, ICS_BEFORE = "fc2", ("fc1", "bn1")  # the second hidden layer, and the layers feeding it
 BATCH_INDEPENDENCE_ROWS = 16
 
 
@@ -25,11 +24,23 @@ def _sites(captured: dict, prefix: str) -> list[str]:
     return sorted(k for k in captured if k.startswith(prefix) and k[len(prefix) :].isdigit())
 
 
-def internal_covariate_shift(net, idx: np.ndarray) -> float:
-    """Santurkar et al. 2018, definition 2.1, at the second hidden layer: how much the
-    gradient of ``fc2``'s weight changes when the layers before it take their step,
-    relative to its norm (``||G - G'|| / ||G||``; 0: the layer sees no shift)."""
-    return net.gradient_change(idx, ICS_LAYER, ICS_BEFORE)
+def ics_layers(hidden: int) -> dict[str, tuple[str, ...]]:
+    """The mlp's weight layers that have layers before them (``fc2`` .. ``fc{n}``, ``head``),
+    each with the modules before it (``fc{i}``, ``bn{i}``)."""
+    names = [f"fc{i}" for i in range(1, hidden + 1)] + ["head"]
+    return {
+        name: tuple(f"{kind}{i}" for i in range(1, j + 1) for kind in ("fc", "bn")) for j, name in enumerate(names) if j
+    }
+
+
+def internal_covariate_shift(net, idx: np.ndarray) -> dict[str, dict[str, float]]:
+    """Santurkar et al. 2018, definition 2.1, at every weight layer with layers before it:
+    how much the gradient G of the layer's weight changes when the layers before it take
+    the optimizer's own step (its momentum included) on the same batch. Per layer: ``l2``
+    ``||G - G'||`` (their definition), ``cos`` the cosine of G and G' (their second
+    measure), ``rel`` ``||G - G'|| / ||G||``."""
+    shift = net.gradient_shift(idx, ics_layers(len(net.spec.config.hidden)))
+    return {layer: {"l2": d, "cos": c, "rel": d / g if g > 0 else float("nan")} for layer, (d, g, c) in shift.items()}
 
 
 def active_at_inference(net) -> dict:
@@ -77,24 +88,36 @@ def variance_shift(net) -> dict:
 
 
 def ablation(net, fractions: tuple[float, ...], draws: int, seed: int = 0) -> dict:
-    """Test accuracy when a fraction of the hidden units is zeroed at every ``drop{i}``
-    site (after the activation; no rescaling), averaged over ``draws`` random choices of
-    units; the same choices for every network and framework (``seed``)."""
+    """Test accuracy when a fraction ``f`` of the hidden units is zeroed at every
+    ``drop{i}`` site (after the activation), averaged over ``draws`` random choices of
+    units; the same choices for every network and framework (``seed``). Twice: as is
+    (``ablation_acc``), and with the kept units scaled by ``1 / (1 - f)``
+    (``ablation_acc_rescaled``), the inverted scaling Dropout uses in training, so that
+    the next layer's input keeps its expected size and only the loss of particular units
+    is measured."""
     labels = net.labels("test")
     widths = {f"drop{i}": width for i, width in enumerate(net.spec.config.hidden, start=1)}  # the mlp's sites
     rng = np.random.default_rng(seed)
-    acc = {}
+    acc, rescaled = {}, {}
     for f in fractions:
-        runs = []
+        plain_runs, scaled_runs = [], []
         for _ in range(draws):
             masks = {}
             for name, width in sorted(widths.items()):
                 keep = np.ones(width, np.float32)
                 keep[rng.choice(width, round(f * width), replace=False)] = 0.0
                 masks[name] = keep
-            runs.append(_accuracy(net.logits("test", ablate=masks), labels))
-        acc[str(f)] = float(np.mean(runs))
-    return {"ablation_full_acc": _accuracy(net.logits("test"), labels), "ablation_acc": acc}
+            plain_runs.append(_accuracy(net.logits("test", ablate=masks), labels))
+            if f < 1.0:
+                scale = np.float32(1.0 / (1.0 - f))
+                scaled_runs.append(
+                    _accuracy(net.logits("test", ablate={k: m * scale for k, m in masks.items()}), labels)
+                )
+        acc[str(f)] = float(np.mean(plain_runs))
+        if scaled_runs:
+            rescaled[str(f)] = float(np.mean(scaled_runs))
+    full = _accuracy(net.logits("test"), labels)
+    return {"ablation_full_acc": full, "ablation_acc": acc, "ablation_acc_rescaled": rescaled}
 
 
 def ensemble(net, passes: int) -> dict:

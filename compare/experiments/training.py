@@ -42,6 +42,8 @@ class RunConfig:
     label_noise: float = 0.0  # fraction of the subset's labels replaced by another class
     hidden: tuple[int, ...] | None = None  # mlp widths; None: (256, 256)
     probes: tuple[str, ...] = ()  # measured after training (PROBES), "ics" after every epoch
+    track_steps: bool = False  # check the target accuracy (validation and test) after every step, not every epoch
+    search: dict | None = None  # a run of a learning-rate search: its criterion and bracket (recorded as is)
 
 
 PROBES = ("ics", "active_at_inference", "variance_shift", "ablation", "ensemble")
@@ -77,20 +79,39 @@ def model_spec(
 
 
 def _loop(cfg: RunConfig, ds, net, target: float) -> dict:
-    """Epochs of training with eval-mode metrics after each (and the internal covariate
-    shift when asked); stops early on divergence."""
-    curves = {k: [] for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
-    ics = []
+    """Epochs of training with eval-mode metrics on every split after each (and the internal
+    covariate shift when asked); stops early on divergence. The first step (or epoch) at
+    which the eval-mode accuracy reaches ``target`` is counted on the test split and, when
+    there is one, on the validation split."""
+    splits = list(nets.splits(ds))
+    curves = {f"{split}_{k}": [] for split in splits for k in ("loss", "acc")}
+    ics: dict[str, dict[str, list[float]]] = {}
     probe_batch = next(datalib.batches(len(ds.x_train), cfg.batch_size, cfg.seed, 10**6))  # fixed, seen by both
     steps_per_epoch = len(ds.x_train) // cfg.batch_size
-    diverged, steps_to_target = False, None
+    reached = {split: None for split in ("test", "val") if split in splits}
+    diverged = False
     t0 = time.perf_counter()
+
+    def check(step: int) -> None:
+        for split in [s for s, at in reached.items() if at is None]:
+            if net.evaluate(split)[1] >= target:
+                reached[split] = step
+
     for epoch in range(cfg.epochs):
-        losses = net.train_epoch(datalib.batches(len(ds.x_train), cfg.batch_size, cfg.seed, epoch))
+        order = datalib.batches(len(ds.x_train), cfg.batch_size, cfg.seed, epoch)
+        if cfg.track_steps and None in reached.values():
+            losses = []
+            for i, idx in enumerate(order):
+                losses += net.train_epoch([idx])
+                if not (math.isfinite(losses[-1]) and losses[-1] < DIVERGED_LOSS):
+                    break
+                check(epoch * steps_per_epoch + i + 1)
+        else:
+            losses = net.train_epoch(order)
         if not all(math.isfinite(v) and v < DIVERGED_LOSS for v in losses):
             diverged = True
             break
-        for split in ("train", "test"):
+        for split in splits:
             loss, acc = net.evaluate(split)
             curves[f"{split}_loss"].append(loss)
             curves[f"{split}_acc"].append(acc)
@@ -98,19 +119,27 @@ def _loop(cfg: RunConfig, ds, net, target: float) -> dict:
             diverged = True
             break
         if "ics" in cfg.probes:
-            ics.append(probes.internal_covariate_shift(net, probe_batch))
-        if steps_to_target is None and curves["test_acc"][-1] >= target:
-            steps_to_target = (epoch + 1) * steps_per_epoch
+            for layer, m in probes.internal_covariate_shift(net, probe_batch).items():
+                for k, v in m.items():
+                    ics.setdefault(f"ics_{k}", {}).setdefault(layer, []).append(v)
+        if not cfg.track_steps:
+            for split, at in reached.items():
+                if at is None and curves[f"{split}_acc"][-1] >= target:
+                    reached[split] = (epoch + 1) * steps_per_epoch
     nan = float("nan")
     final = {k: (v[-1] if v and not diverged else nan) for k, v in curves.items()}
-    return {
-        **{f"final_{k}": final[k] for k in curves},
+    out = {
+        **{f"final_{k}": final[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")},
         "diverged": diverged,
-        "steps_to_target": steps_to_target,
+        "steps_to_target": reached["test"],
         "wall_s": time.perf_counter() - t0,
-        "curves": curves,
+        "curves": {k: [float(f"{v:.6g}") for v in vals] for k, vals in curves.items()},  # 6 digits: results.json's size
         "ics": ics,
+        "target_check": "step" if cfg.track_steps else "epoch",
     }
+    if "val" in reached:
+        out |= {"final_val_acc": final["val_acc"], "val_steps_to_target": reached["val"]}
+    return out
 
 
 def _probe(cfg: RunConfig, net, diverged: bool) -> dict:
@@ -139,7 +168,7 @@ def run_one(
     one record each. ``device`` ("cpu" or "gpu") is where torch trains; JAX trains on its
     default device."""
     if cfg.train_size is not None:
-        ds = datalib.subset(ds, cfg.train_size, cfg.label_noise)
+        ds = datalib.subset(ds, cfg.train_size, cfg.label_noise, seed=cfg.seed)
     spec = model_spec(cfg.model, ds, cfg.use_bn, cfg.dropout, cfg.hidden)
     torch.manual_seed(1000 + cfg.seed)  # the shared initial weights
     init = {k: v.clone() for k, v in spec.build_torch().state_dict().items()}
@@ -148,7 +177,7 @@ def run_one(
         net = nets.TorchNet(spec, ds, cfg, init, device) if fw == "torch" else nets.LinenNet(spec, ds, cfg, init)
         result = _loop(cfg, ds, net, target)
         ics = result.pop("ics")
-        found = _probe(cfg, net, result["diverged"]) | ({"ics": ics} if ics else {})
+        found = _probe(cfg, net, result["diverged"]) | ics
         records.append(
             TrainRecord(
                 claim=cfg.claim,
@@ -168,6 +197,7 @@ def run_one(
                 label_noise=cfg.label_noise,
                 hidden=list(spec.config.hidden) if cfg.model == "mlp" else None,
                 probes=found or None,
+                search=cfg.search,
             ).to_dict()
         )
     return records
