@@ -138,7 +138,9 @@ def test_the_digits_split_is_fixed_and_normalised_with_train_statistics_only():
 def test_other_datasets_need_a_data_dir_and_unknown_names_are_listed(tmp_path):
     with pytest.raises(ValueError, match="--dataset mnist needs --data-dir"):
         data.load("mnist")
-    with pytest.raises(ValueError, match="unknown dataset 'svhn'; known: digits, synthetic, mnist, fashion_mnist, cifar10"):
+    with pytest.raises(
+        ValueError, match="unknown dataset 'svhn'; known: digits, synthetic, mnist, fashion_mnist, cifar10"
+    ):
         data.load("svhn", tmp_path)
     with pytest.raises(DataError, match="not a directory"):
         data.load("mnist", tmp_path / "nope")

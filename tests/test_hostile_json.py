@@ -201,7 +201,12 @@ def test_generated_results_files_render_or_are_refused_with_the_field_named(tmp_
 def test_rich_markup_in_a_results_file_prints_as_itself_in_the_console():
     """A name like ``[/red]`` is text: rich must not read it as markup (it raised MarkupError)."""
     data = _base()
-    data["equivalence"][0] = {**data["equivalence"][0], "model": "[/red][bold]x", "ok": False, "first_divergence": "[/]"}
+    data["equivalence"][0] = {
+        **data["equivalence"][0],
+        "model": "[/red][bold]x",
+        "ok": False,
+        "first_divergence": "[/]",
+    }
     out = io.StringIO()
     console_report.show(data, Console(file=out, width=200))
     assert "[/red][bold]x" in out.getvalue() and "first divergence at [/]" in out.getvalue()
