@@ -13,7 +13,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PORTING = (ROOT / "docs" / "porting.md").read_text()
+PORTING = (ROOT / "docs" / "porting_by_hand.md").read_text()
 
 
 def _python_blocks(text: str) -> list[str]:
@@ -27,7 +27,7 @@ def _between(text: str, name: str) -> str:
 def _run(block: str) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(block, "docs/porting.md", "exec"), {"__name__": "docs_example"})
+        exec(compile(block, "docs/porting_by_hand.md", "exec"), {"__name__": "docs_example"})
     return out.getvalue()
 
 
@@ -132,7 +132,7 @@ def test_every_relative_link_of_the_readme_and_the_docs_resolves():
 
 
 def test_the_one_call_example_of_the_automatic_porting_page_prints_the_module_shown():
-    page = (ROOT / "docs" / "porting_auto.md").read_text()
+    page = (ROOT / "docs" / "porting.md").read_text()
     example = _python_blocks(page)[0]
     shown = re.findall(r"```text\n(.*?)```", page, flags=re.S)[0]
     printed = _run(example)

@@ -9,7 +9,7 @@ traces, built on ``compare.transfer``'s rules.
 >>> ported.to_torch()                              # Flax weights back into the torch model
 
 ``python -m compare.port PACKAGE.MODULE:FACTORY --input-shape 1,3,224,224 --out DIR`` writes
-the module as a file with its weights and the eval check's report (``docs/porting_auto.md``).
+the module as a file with its weights and the eval check's report (``docs/porting.md``).
 
 How it works: ``trace`` (fx, once per mode; in-place ops resolved; where each node comes
 from), ``ops`` (each supported torch operation, in module, functional and method form,

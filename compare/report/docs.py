@@ -179,8 +179,8 @@ BLOCKS: dict[str, tuple[tuple[str, ...], Callable[[Path], str]]] = {
     "bench-cpu": (("docs/benchmark.md",), bench_cpu),
     "nnx-patterns": (("docs/benchmark.md",), nnx_patterns),
     "gpu-baseline": (("docs/benchmark.md",), gpu_baseline),
-    "bottleneck-224": (("docs/porting.md",), bottleneck_224),
-    "input-rules": (("docs/porting.md",), input_rules),
+    "bottleneck-224": (("docs/porting_by_hand.md",), bottleneck_224),
+    "input-rules": (("docs/porting_by_hand.md",), input_rules),
     "durations": (("docs/cli.md",), durations),
 }
 
