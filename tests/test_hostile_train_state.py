@@ -274,3 +274,18 @@ def test_generated_linen_and_nnx_checkpoints_load_or_are_refused_and_leave_the_m
             assert "safetensors" in str(e) and str(e).isprintable()
             after = jax.tree_util.tree_map(np.asarray, nnx.to_pure_dict(nnx.state(net, nnx.Param)))
             jax.tree_util.tree_map(np.testing.assert_array_equal, after, before)
+
+
+def test_a_checkpoint_saved_under_a_learning_rate_scheduler_loads(tmp_path):
+    """A scheduler adds ``initial_lr`` to the param group; the optimizer's constructor does
+    not take it (it raised TypeError after the checks passed): restored by load_state_dict."""
+    torch.manual_seed(0)
+    model = MLP.build_torch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    model(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    scheduler.step()
+    train_state.save_torch(tmp_path / "s.safetensors", MLP, model, opt, step=1)
+    _, _, loaded, _ = train_state.load_torch(tmp_path / "s.safetensors")
+    assert loaded.param_groups[0]["initial_lr"] == 0.1 and loaded.param_groups[0]["lr"] == 0.05

@@ -237,7 +237,10 @@ def load_torch(path: str | Path) -> tuple[ModelSpec, torch.nn.Module, torch.opti
         raise CheckpointError(f"{path}: does not fit the model and optimizer: " + limits.summary(problems))
     with torch.random.fork_rng(devices=[]):  # the weights are loaded below: building must not move the caller's RNG
         model = spec.build_torch()
-    hyper = {k: tuple(v) if isinstance(v, list) else v for k, v in groups[0].items() if k != "params"}
+    # initial_lr is a scheduler's entry, not the optimizer's: load_state_dict restores it below
+    hyper = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in groups[0].items() if k not in ("params", "initial_lr")
+    }
     optimizer = getattr(torch.optim, name)(model.parameters(), **hyper)
     state: dict[int, dict] = {}
     for key, value in arrays.items():
