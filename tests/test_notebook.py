@@ -4,6 +4,7 @@ without outputs, and its .ipynb is the jupytext twin of the reviewable .py."""
 from __future__ import annotations
 
 import base64
+import re
 import time
 from pathlib import Path
 
@@ -43,8 +44,13 @@ def test_the_notebook_runs_top_to_bottom_on_a_cpu_in_minutes(tmp_path):
     assert "eval-mode Dropout is the identity: True" in printed
     assert "nnx split/merge without returning the state, identical masks: True" in printed
     assert "nnx split/merge returning the state, identical masks: False" in printed
-    assert "Dropout reduces overfitting (torch): holds" in printed
-    assert "Dropout reduces overfitting (linen): holds" in printed
+    # three seeds per framework: the verdicts are printed, whatever three seeds give (the
+    # README's come from the confirmation run; torch's 3 seeds here: 0.78 [0.13, 1.43], close to
+    # the minimum 0.1, so the verdict itself may differ on another CPU)
+    verdict = r"(holds|does not hold|negligible|inconclusive), effect -?[0-9.]+ \[-?[0-9.]+, -?[0-9.]+\]"
+    for fw in ("torch", "linen"):
+        for claim in ("Dropout reduces overfitting", "BatchNorm reduces overfitting \\(a little\\)"):
+            assert re.search(rf"{claim} \({fw}\): {verdict}", printed), (claim, fw)
     images = [
         o["data"]["image/png"]
         for c in nb.cells
