@@ -42,9 +42,9 @@ def test_the_three_packages_carry_one_version_and_the_changelog_and_citation_nam
 
 
 def test_the_readmes_claims_section_is_generated_from_the_committed_run():
-    """``python -m compare.report.lesson results/cpu-2core-x86_64/results.json --readme
-    README.md`` rewrites it; hand edits or a newer run without it fail here."""
+    """``python -m compare.report.lesson results/cpu-2core-x86_64/claims-confirmation/results.json
+    --readme README.md`` rewrites it from the confirmatory run; hand edits fail here."""
     from compare.report import lesson
 
-    results = ROOT / "results" / "cpu-2core-x86_64" / "results.json"
+    results = ROOT / "results" / "cpu-2core-x86_64" / "claims-confirmation" / "results.json"
     assert lesson.main([str(results), "--readme", str(ROOT / "README.md"), "--check"]) == 0
