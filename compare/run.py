@@ -1,11 +1,9 @@
 """Command line: ``python -m compare.run [--suite NAME ...] [--quick | --full] [--device auto|cpu|gpu] [--out DIR]``.
 
 Runs the chosen suites, writes ``results.json``, ``report.md`` and PNG plots into ``--out``
-(default: ``runs/<time>/``), prints the tables, and exits non-zero when a check that should
-hold does not. Results are rewritten after every suite and benchmark group, so a run stopped
-by SIGTERM or Ctrl-C keeps what it finished (exit status 143 or 130). Each suite is defined,
-with its own options, in its job folder (``compare.suite``); this file parses, loops and
-handles signals.
+(default: ``runs/<time>/``) after every suite and benchmark group (a run stopped by SIGTERM or
+Ctrl-C keeps what it finished), prints the tables, and exits non-zero when a check fails.
+Each suite lives, with its options, in its job folder; this file parses, loops and handles signals.
 """
 
 from __future__ import annotations
@@ -46,9 +44,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     size.add_argument("--full", action="store_true", help="every model, more seeds and sizes")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="auto: gpu when visible")
     parser.add_argument("--out", type=Path, help="output folder (default: runs/<timestamp>, or the --resume folder)")
-    parser.add_argument(
-        "--resume", type=Path, metavar="DIR", help="continue the run in DIR: what it finished is not run again"
-    )
+    parser.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR (what it finished is kept)")
     for suite in SUITES.values():
         if suite.add_arguments:
             suite.add_arguments(parser)
@@ -64,16 +60,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class Stopped(BaseException):
-    """Raised by the SIGTERM handler: the run saves what it has and exits. A BaseException,
-    like KeyboardInterrupt, so that library code catching ``Exception`` cannot swallow it."""
+    """SIGTERM's: the run saves what it has and exits (a BaseException: ``except Exception`` cannot swallow it)."""
 
 
 _STOP_REQUESTS: list[str] = []  # the signals received; a raise from the handler can be lost (see _stop)
 
 
 def _stop(signum, frame):
-    """Raises at once, and remembers the request: an exception raised inside a finaliser or
-    a C callback is printed as "Exception ignored" and lost; ``_check_stop`` raises it again."""
+    """Raises, and remembers: a raise inside a finaliser or C callback is lost; ``_check_stop`` raises it again."""
     _STOP_REQUESTS.append(signal.Signals(signum).name)
     raise Stopped(_STOP_REQUESTS[-1])
 
@@ -103,13 +97,7 @@ def _run_suites(args, terminal: Console, saved: results.Results) -> None:
 
             saved.data["meta"]["running"] = name
             t0 = time.perf_counter()
-            part = SUITES[name].run(args, progress, saved)
-            complete = part.pop("complete", True)
-            saved.merge(part)
-            saved.data["meta"].setdefault("suite_wall_s", {})[name] = round(time.perf_counter() - t0, 1)
-            if complete:
-                saved.data["meta"]["suites_done"] = [*saved.data["meta"].get("suites_done", []), name]
-            saved.save()
+            saved.add_suite(name, SUITES[name].run(args, progress, saved), time.perf_counter() - t0)
     saved.data["meta"].pop("running", None)
 
 
@@ -123,8 +111,7 @@ def _stopped(e: BaseException, saved: results.Results, terminal: Console, args) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 every check held, 1 one did not, 2 bad input (a file refused: one line
-    that names it), 128 + the signal when stopped."""
+    """Exit status: 0 every check held, 1 one did not, 2 a file refused (one line), 128 + the signal when stopped."""
     args = parse(argv)
     try:
         return _main(args)

@@ -112,3 +112,19 @@ def test_stop_all_ends_the_jobs_watched_in_other_threads(tmp_path):
     launch.stop_all()
     thread.join(timeout=20)
     assert not thread.is_alive() and failures and failures[0].rank == 0
+
+
+@pytest.mark.parametrize("job", ["jax", "torch"])
+def test_a_relative_output_folder_reaches_the_workers_as_an_absolute_one(tmp_path, monkeypatch, job):
+    """The workers run inside their folder: a relative --out (``compare.run --out results/x``)
+    made them write into results/x/.../results/x/... and the suite found nothing there."""
+    seen = {}
+    monkeypatch.setattr(launch, "run_commands", lambda commands, out, *a, **k: seen.update(commands=commands, out=out))
+    monkeypatch.chdir(tmp_path)
+    if job == "jax":
+        launch.jax_job("checks", 2, 1, "rel/jobs")
+    else:
+        launch.torchrun_job("checks", 2, "rel/jobs")
+    for command in seen["commands"].values():
+        assert command[command.index("--out") + 1] == str(tmp_path / "rel" / "jobs")
+    assert seen["out"] == tmp_path / "rel" / "jobs"

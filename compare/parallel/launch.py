@@ -106,7 +106,7 @@ def jax_job(
 ) -> Job:
     """Run ``task`` of ``compare.parallel.jax_worker`` in ``processes`` processes of
     ``local_devices`` CPU devices each. ``pin``: process i on CPU core i (timings)."""
-    out = Path(out)
+    out = Path(out).resolve()  # the workers run in out: a relative path would nest inside itself
     out.mkdir(parents=True, exist_ok=True)
     coordinator = f"127.0.0.1:{free_port()}"
     commands = {
@@ -134,7 +134,7 @@ def torchrun_job(
     """Run ``task`` of ``compare.parallel.torch_worker`` under torchrun with ``processes``
     ranks on this machine (gloo on CPU). The ranks write their pids to ``out`` so that a
     :class:`Fault` can reach them."""
-    out = Path(out)
+    out = Path(out).resolve()  # the workers run in out: a relative path would nest inside itself
     out.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(processes),

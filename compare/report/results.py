@@ -200,6 +200,17 @@ class Results:
             else:
                 self.data.setdefault(key, []).extend(value)
 
+    def add_suite(self, name: str, part: dict[str, Any], wall_s: float) -> None:
+        """A suite's output merged, its wall time in ``meta.suite_wall_s``, the suite in
+        ``meta.suites_done`` unless its output says ``complete: False``; then saved."""
+        complete = part.pop("complete", True)
+        self.merge(part)
+        meta = self.data["meta"]
+        meta.setdefault("suite_wall_s", {})[name] = round(wall_s, 1)
+        if complete:
+            meta["suites_done"] = [*meta.get("suites_done", []), name]
+        self.save()
+
     def save(self) -> None:
         from compare.report import markdown
 
