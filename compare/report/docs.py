@@ -174,7 +174,35 @@ def at_a_glance(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def distributed_measured(root: Path) -> str:
+    """The distributed suite's checks and step times from the committed run."""
+    results = _committed(root)
+    checks = [r for r in results.get("distributed", []) if r.get("ok") is not None]
+    steps = results.get("distributed_steps", [])
+    wall = results["meta"].get("suite_wall_s", {}).get("distributed")
+    lines = [
+        provenance(results),
+        "",
+        f"Checks: {sum(r['ok'] for r in checks)} of {len(checks)} held"
+        + (f"; the suite took {wall / 60:.1f} min." if wall else "."),
+    ]
+    if steps:
+        lines += [
+            "",
+            "| framework | model | BatchNorm | processes | ms per step, median (p10-p90) | samples/s | load average |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in sorted(steps, key=lambda r: (r["framework"], r["model"], r["bn_mode"], r["processes"])):
+            lines.append(
+                f"| {r['framework']} | {r['model']} | {r['bn_mode']} | {r['processes']} | "
+                f"{_fmt(r['step_ms_median'])} ({_fmt(r['step_ms_p10'])}-{_fmt(r['step_ms_p90'])}) | "
+                f"{r['samples_per_s']:,.0f} | {r['load_avg']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 BLOCKS: dict[str, tuple[tuple[str, ...], Callable[[Path], str]]] = {
+    "distributed-measured": (("docs/distributed.md",), distributed_measured),
     "at-a-glance": (("README.md",), at_a_glance),
     "bench-cpu": (("docs/benchmark.md",), bench_cpu),
     "nnx-patterns": (("docs/benchmark.md",), nnx_patterns),

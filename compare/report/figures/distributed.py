@@ -51,7 +51,7 @@ def comm_model(records: list[dict], path: Path) -> Path | None:
                 x = i + (j - 0.5) * 0.38
                 ax.bar(x, r["comm_fraction"], width=0.36, color="tab:orange" if mode == "sync" else "tab:blue")
                 ax.bar(x, r["critical_fraction"], width=0.36, fill=False, hatch="//", edgecolor="black")
-        ax.set_xticks(range(len(keys)), [f"{m}\n{f}" for m, f in keys], fontsize=7)
+        ax.set_xticks(range(len(keys)), ["\n".join([*m.split("_"), f]) for m, f in keys], fontsize=7)
         ax.set_yscale("log")
         ax.set_title(f"{link}, {records[0]['gpus']} GPUs", fontsize=9)
         ax.grid(True, axis="y", which="both", alpha=0.3)
