@@ -36,7 +36,7 @@ def _base() -> dict:
     full = json.loads((ROOT / "results" / "cpu-2core-x86_64" / "results.json").read_text())
     small = {k: v[:2] for k, v in full.items() if k != "meta"}
     meta = dict(full["meta"], schema_version=SCHEMA_VERSION)
-    meta["train_summary"] = {k: v[:2] for k, v in meta["train_summary"].items()}
+    meta["train_summary"] = {k: v[:2] if isinstance(v, list) else v for k, v in meta["train_summary"].items()}
     return results.upgrade({"meta": meta, **small})
 
 
