@@ -19,7 +19,10 @@ quiet "$PY" -m pip install --quiet --disable-pip-version-check build twine
 "$PY" -m build --sdist --wheel --outdir "$work/dist" . >"$work/build.log" 2>&1 || { cat "$work/build.log"; exit 1; }
 "$PY" -m twine check --strict "$work"/dist/*
 wheel=$(ls "$work"/dist/*.whl)
-unzip -l "$wheel" | grep -q "LICENSE" || { echo "check_package: the wheel carries no LICENSE"; exit 1; }
+# the listing into a file first: with pipefail, `unzip -l | grep -q` fails when grep stops
+# reading at the first match and unzip, still writing a long listing, dies of SIGPIPE
+unzip -l "$wheel" >"$work/listing"
+grep -q "LICENSE" "$work/listing" || { echo "check_package: the wheel carries no LICENSE"; exit 1; }
 
 python3 -m venv "$work/venv"
 pip=(quiet "$work/venv/bin/python" -m pip install --quiet --disable-pip-version-check)
