@@ -153,6 +153,13 @@ def _hyper_problems(name: str, groups: Any, n_params: int) -> list[str]:
     return problems
 
 
+def _constructor_arguments(group: dict) -> dict[str, Any]:
+    """A saved param group as the optimizer's keyword arguments: lists back to tuples (betas),
+    without ``params`` and ``initial_lr`` (a scheduler's entry, which ``load_state_dict``
+    restores): the template and the loaded optimizer are built the same way."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in group.items() if k not in ("params", "initial_lr")}
+
+
 def _optimizer_template(name: str, group: dict, model: torch.nn.Module) -> dict[int, dict[str, Any]]:
     """What the optimizer keeps per parameter: one step of it, with these hyper-parameters,
     on the model's parameters as meta tensors (nothing allocated). {index: {entry: a
@@ -160,8 +167,7 @@ def _optimizer_template(name: str, group: dict, model: torch.nn.Module) -> dict[
     params = [torch.zeros(p.shape, dtype=p.dtype, device="meta", requires_grad=True) for p in model.parameters()]
     for p in params:
         p.grad = torch.zeros_like(p)
-    hyper = {k: tuple(v) if isinstance(v, list) else v for k, v in group.items() if k not in ("params", "initial_lr")}
-    optimizer = getattr(torch.optim, name)(params, **hyper)
+    optimizer = getattr(torch.optim, name)(params, **_constructor_arguments(group))
     optimizer.step()
     return optimizer.state_dict()["state"]
 
@@ -237,11 +243,7 @@ def load_torch(path: str | Path) -> tuple[ModelSpec, torch.nn.Module, torch.opti
         raise CheckpointError(f"{path}: does not fit the model and optimizer: " + limits.summary(problems))
     with torch.random.fork_rng(devices=[]):  # the weights are loaded below: building must not move the caller's RNG
         model = spec.build_torch()
-    # initial_lr is a scheduler's entry, not the optimizer's: load_state_dict restores it below
-    hyper = {
-        k: tuple(v) if isinstance(v, list) else v for k, v in groups[0].items() if k not in ("params", "initial_lr")
-    }
-    optimizer = getattr(torch.optim, name)(model.parameters(), **hyper)
+    optimizer = getattr(torch.optim, name)(model.parameters(), **_constructor_arguments(groups[0]))
     state: dict[int, dict] = {}
     for key, value in arrays.items():
         if key.startswith("optim/"):
