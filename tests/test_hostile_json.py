@@ -210,3 +210,25 @@ def test_rich_markup_in_a_results_file_prints_as_itself_in_the_console():
     out = io.StringIO()
     console_report.show(data, Console(file=out, width=200))
     assert "[/red][bold]x" in out.getvalue() and "first divergence at [/]" in out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("entry", "field", "value"),
+    [("implementation_check", "mean_diff", "del"), ("facts", "claim", "del"), ("claims", "dataset", None),
+     ("claims", "level", None), ("family", "k", "del")],
+)  # fmt: skip
+def test_the_claims_summary_of_0_3_is_validated_or_rendered(entry, field, value):
+    """The summary's entries of 0.3 (family, implementation check, facts) are checked like
+    the claims; an optional claim field that is null renders as if absent (each raised in
+    the report before)."""
+    data = copy.deepcopy(_base())
+    summary = data["meta"]["train_summary"]
+    target = summary[entry] if entry == "family" else summary[entry][0]
+    if value == "del":
+        del target[field]
+        assert any(field in p for p in results_file.problems(data)), entry
+    else:
+        target[field] = value
+        assert results_file.problems(data) == []
+        markdown.render(results.upgrade(data), None)
+        console_report.show(data, Console(file=io.StringIO(), width=120))

@@ -36,6 +36,10 @@ META = {
     **{pkg: str | None for pkg in ("numpy", "torch", "jax", "jaxlib", "flax", "optax")},
 }  # fmt: skip
 BENCH_SETTINGS = {"skipped": dict[str, str], "groups": dict[str, str]}
+FAMILY = {
+    "k": int, "alpha": float, "level": float, "correction": str, "kind": str,
+    "blocks": dict[str, dict[str, list[int]]], "shared_seeds": dict[str, list[int]], "max_excluded": float,
+}  # fmt: skip
 OLD_CLAIM = {"claim": str, "model": str, "holds": bool | None, "detail": str}  # 0.2's claims rows
 
 
@@ -107,7 +111,11 @@ def problems(data: Any) -> Problems:
     lists = {
         "meta.train_summary.claims": (claims, (records.Claim,) if new else OLD_CLAIM),
         "meta.train_summary.framework_agreement": (summary.get("framework_agreement", []), (records.Agreement,)),
-    }
+        "meta.train_summary.implementation_check": (summary.get("implementation_check", []), (records.ImplementationCheck,)),
+        "meta.train_summary.facts": (summary.get("facts", []), (records.Fact,)),
+    }  # fmt: skip
+    if "family" in summary:  # a protocol run's family (0.3): every entry the report reads
+        found.add(_fields(summary["family"], FAMILY, "meta.train_summary.family", required=tuple(FAMILY)))
     for key, value in data.items():
         if key == "meta":
             continue
@@ -124,10 +132,10 @@ def problems(data: Any) -> Problems:
                 found.stopped = True
                 return found
             where = f"{key}[{i}]"
-            if key == "equivalence" and _old_train_record(r, version):
-                kinds = (records.TrainEquivalenceRecord,)  # before schema 3 (results.upgrade moves it)
-            found.add(_fields(r, kinds, where, kinds) if isinstance(kinds, dict) else _record(r, kinds, where))
-            kinds = lists[key][1]
+            if key == "equivalence" and _old_train_record(r, version):  # before schema 3 (results.upgrade moves it)
+                found.add(_record(r, (records.TrainEquivalenceRecord,), where))
+            else:
+                found.add(_fields(r, kinds, where, kinds) if isinstance(kinds, dict) else _record(r, kinds, where))
     return found
 
 

@@ -45,7 +45,7 @@ def pooled(claims: list[dict]) -> bool:
 
 
 def _where(c: dict) -> str:
-    return c.get("dataset", "-") + (f", {REGIME.get(c['regime'], c['regime'])}" if c.get("regime") else "")
+    return (c.get("dataset") or "-") + (f", {REGIME.get(c['regime'], c['regime'])}" if c.get("regime") else "")
 
 
 def _seeds(c: dict) -> str:
@@ -58,7 +58,7 @@ def family_table(claims: list[dict], *, in_family: bool = True) -> list[str]:
     rows = [c for c in claims if c.get("in_family", True) == in_family]
     if not rows:
         return []
-    level = rows[0].get("level", 0.95)
+    level = rows[0].get("level") or 0.95  # an optional field: absent or null in 0.2's claims
     head = ["claim", "the lesson says", "dataset", "verdict", f"effect [{level:.2%} CI]", "min effect", "seeds",
             "regime ok"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
