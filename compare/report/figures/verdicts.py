@@ -34,18 +34,15 @@ def facts(records: list[dict], out: Path) -> Path | None:
                 bar = a.bar(k + (j - 0.5) * 0.4, np.mean(vals), 0.38, yerr=np.std(vals), capsize=2, color=f"C{j}",
                             label=f"{fw} ({len(vals)} networks)" if k == 0 else None)  # fmt: skip
                 a.bar_label(bar, fmt="%.2f", fontsize=7, padding=2)
-        for key, marker, colour in (
-            ("bn_affine_residual", MARK[fw], "tab:purple"),
-            ("bn_batch_dependence", MARK[fw], "tab:green"),
-        ):
+        for key in ("bn_affine_residual", "bn_batch_dependence"):  # the framework's colour, as in the other panels
             vals = [max(r["probes"][key], 1e-12) for r in rs]
             x = (0 if key == "bn_affine_residual" else 1) + (j - 0.5) * 0.25 + np.linspace(-0.08, 0.08, len(vals))
             b.scatter(
                 x,
                 vals,
-                marker=marker,
+                marker=MARK[fw],
                 s=12,
-                color=colour,
+                color=f"C{j}",
                 alpha=0.6,
                 label=f"{fw}" if key == "bn_affine_residual" else None,
             )
